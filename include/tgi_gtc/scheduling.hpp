@@ -1,0 +1,9 @@
+// tgi_gtc::scheduling: a lock-free scheduling engine for LLM serving loops.
+//
+// The umbrella header: include this one. Components:
+//   scheduling/task.hpp        Priority, TaskId, ScheduledTask, SchedulerConfig, ScheduleError
+//   scheduling/scheduler.hpp   Scheduler: the lock-free priority queue of waiting tasks
+#pragma once
+
+#include <tgi_gtc/scheduling/task.hpp>
+#include <tgi_gtc/scheduling/scheduler.hpp>

@@ -1,0 +1,96 @@
+// Scheduler: a bounded, linearizable, lock-free priority queue of tasks with
+// O(1) cancellation by id.
+//
+// Thread safety: every member function may be called from any number of
+// threads at once, with any other member function, except construction and
+// destruction.
+//
+// Progress (see README "Guarantees" for the argument):
+//   next_id, len, is_empty, config   wait-free.
+//   next, peek                       lock-free: a stalled thread never blocks
+//                                    them; they retry only when another call
+//                                    made progress (a higher-priority schedule,
+//                                    or a competing removal).
+//   cancel                           lock-free.
+//   schedule                         lock-free, except against a second
+//                                    schedule() of the *same id* running at the
+//                                    same moment: the later one waits until the
+//                                    earlier one has returned (a stall there
+//                                    delays only that duplicate).
+//   clear                            lock-free per task; allocates its result.
+// Hot paths (schedule, next, peek, cancel, len, next_id) take no lock, make no
+// system call and allocate no memory after construction.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <optional>
+#include <system_error>
+#include <vector>
+
+#include <tgi_gtc/scheduling/task.hpp>
+
+namespace tgi_gtc::scheduling {
+
+namespace detail {
+class SchedulerCore;
+}
+
+/// Largest accepted SchedulerConfig::max_queue_size (2^24).
+inline constexpr std::size_t kMaxQueueSize = std::size_t{1} << 24;
+
+class Scheduler {
+ public:
+  /// Default configuration (1000 tasks, priority scheduling on).
+  Scheduler();
+  /// Throws std::invalid_argument when max_queue_size is 0 or above kMaxQueueSize.
+  /// Reserves all memory here (see memory_bytes()); nothing is allocated later.
+  explicit Scheduler(SchedulerConfig config);
+  ~Scheduler();
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+  Scheduler(Scheduler&&) = delete;
+  Scheduler& operator=(Scheduler&&) = delete;
+
+  const SchedulerConfig& config() const noexcept;
+
+  /// 1, 2, 3, ...: unique across threads (wraps only after 2^64 calls).
+  TaskId next_id() noexcept;
+
+  /// Queues a copy of `task`. Empty on success; ScheduleError::QueueFull when
+  /// len() has reached max_queue_size; ScheduleError::DuplicateId when a task
+  /// with the same id is queued. On failure nothing changes.
+  [[nodiscard]] std::error_code schedule(const ScheduledTask& task) noexcept;
+
+  /// Removes and returns the highest-priority task (FIFO within a priority;
+  /// FIFO over all tasks when priority scheduling is off), or nullopt if none.
+  std::optional<ScheduledTask> next() noexcept;
+
+  /// What next() would return at this moment, without removing it.
+  std::optional<ScheduledTask> peek() const noexcept;
+
+  /// Removes and returns the queued task with this id, or nullopt if none is
+  /// queued. When cancel and next race for the same task, exactly one gets it.
+  std::optional<ScheduledTask> cancel(TaskId id) noexcept;
+
+  /// Removes and returns every queued task, in the order next() would have
+  /// returned them. Under concurrency: every task queued before clear() began
+  /// and not removed by another call; tasks scheduled meanwhile may or may not
+  /// be included. Allocates the returned vector.
+  std::vector<ScheduledTask> clear();
+
+  /// Tasks accepted and not yet removed. Exact when no call is in flight; a
+  /// schedule() in flight is counted from its start and a removal until it
+  /// returns. Never above max_queue_size.
+  std::size_t len() const noexcept;
+  bool is_empty() const noexcept;
+
+  /// Bytes this scheduler reserved at construction.
+  std::size_t memory_bytes() const noexcept;
+
+ private:
+  SchedulerConfig config_;
+  std::unique_ptr<detail::SchedulerCore> core_;
+};
+
+}  // namespace tgi_gtc::scheduling
