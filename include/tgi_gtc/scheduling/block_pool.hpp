@@ -1,0 +1,236 @@
+// BlockPool: a lock-free pool of reference-counted KV-cache blocks, and
+// BlockAllocator / BlockAllocation: token-sized RAII allocations over it.
+//
+// Thread safety: every BlockPool member function may be called from any
+// number of threads at once, with any other member function, except
+// construction and destruction. A BlockAllocator is as safe as its pool
+// (allocate() and memory_stats() may run concurrently with anything). One
+// BlockAllocation object is a value (like std::vector): one thread at a time;
+// distinct BlockAllocation objects, even ones sharing blocks, may be used and
+// destroyed on different threads at once.
+//
+// Progress: try_allocate, retain and release are lock-free (no call waits for
+// another to finish; a retry means another call changed the same word);
+// total_blocks, free_blocks, ref_count and invalid_releases are wait-free.
+// None of them takes a lock, makes a system call or allocates memory.
+//
+// The design (an atomic bitmap after Linux's lib/sbitmap.c, a free-block
+// counter for exact all-or-nothing batches, per-block reference counts) is
+// documented in engine/block_pool.cpp and the README section "Block pool".
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <vector>
+
+namespace tgi_gtc::scheduling {
+
+/// Index of a block: 0 .. total_blocks() - 1. Block 0 is an ordinary block
+/// (TGI reserves it for health checks; a caller that wants a padding block
+/// allocates one up front).
+using BlockId = std::uint32_t;
+
+/// Largest accepted block count (2^28). Metadata costs about 5 bytes a block
+/// (4-byte reference count + 1 bit in a 64-byte line per 64 blocks), so the
+/// largest pool reserves about 1.25 GiB of host memory.
+inline constexpr std::uint32_t kMaxBlocks = std::uint32_t{1} << 28;
+
+namespace detail {
+struct BitmapWord;
+}
+
+class BlockPool {
+ public:
+  /// All blocks start free. Throws std::invalid_argument when num_blocks is 0
+  /// or above kMaxBlocks. Allocates every byte the pool will ever use.
+  explicit BlockPool(std::uint32_t num_blocks);
+  ~BlockPool();
+  BlockPool(const BlockPool&) = delete;
+  BlockPool& operator=(const BlockPool&) = delete;
+  BlockPool(BlockPool&&) = delete;
+  BlockPool& operator=(BlockPool&&) = delete;
+
+  /// Fills all of `out` with distinct free blocks, each with reference count
+  /// 1, and returns true; or takes none, leaves `out` untouched and returns
+  /// false (fewer than out.size() blocks free at the moment of the call).
+  /// All-or-nothing also under concurrency: capacity is reserved before any
+  /// block is claimed, so no partial grab ever exists. An empty span: true.
+  /// Concurrent with anything.
+  [[nodiscard]] bool try_allocate(std::span<BlockId> out) noexcept;
+
+  /// Adds one reference to each block (a shared prefix, a fork). The caller
+  /// must hold a reference to each. An id that is free, out of range, or whose
+  /// count is already UINT32_MAX is skipped and counted in invalid_releases().
+  /// Concurrent with anything.
+  void retain(std::span<const BlockId> blocks) noexcept;
+
+  /// Drops one reference from each block; a block whose count reaches zero is
+  /// free again. Returns how many became free. An id that is free (count 0)
+  /// or out of range is skipped and counted in invalid_releases(); a repeated
+  /// id drops one reference per occurrence. Concurrent with anything.
+  [[nodiscard]] std::size_t release(std::span<const BlockId> blocks) noexcept;
+
+  /// Rejected ids so far: releases AND retains of a free or out-of-range
+  /// block, and retains that would overflow a count. Such a call changes
+  /// nothing else. (A release of a block that someone else holds cannot be
+  /// told from a legitimate one: it drops their reference.)
+  std::size_t invalid_releases() const noexcept;
+
+  std::uint32_t total_blocks() const noexcept;
+
+  /// Blocks a try_allocate could take now. Exact when no call is in flight;
+  /// during a release it may lag the blocks whose count already reached 0
+  /// (never the other way: it never counts a block that is not free).
+  std::uint32_t free_blocks() const noexcept;
+
+  /// References to `block` now (0: free, or out of range). A snapshot.
+  std::uint32_t ref_count(BlockId block) const noexcept;
+
+ private:
+  static constexpr std::size_t kCacheLine = 64;
+  // Each counter written by the hot path gets a line of its own.
+  struct alignas(kCacheLine) PaddedU32 {
+    std::atomic<std::uint32_t> value{0};
+  };
+  struct alignas(kCacheLine) PaddedSize {
+    std::atomic<std::size_t> value{0};
+  };
+  static_assert(sizeof(PaddedU32) == kCacheLine && alignof(PaddedU32) == kCacheLine);
+  static_assert(sizeof(PaddedSize) == kCacheLine && alignof(PaddedSize) == kCacheLine);
+
+  // Read-only after construction (shared, never written: one line).
+  std::unique_ptr<detail::BitmapWord[]> words_;
+  std::unique_ptr<std::atomic<std::uint32_t>[]> counts_;
+  std::uint32_t num_blocks_;
+  std::uint32_t shift_;  // log2(blocks per word), as sbitmap's shift
+  std::uint32_t num_words_;
+  PaddedU32 free_;      // blocks not held and not reserved
+  PaddedSize invalid_;  // rejected ids
+};
+
+/// Geometry of the KV cache a BlockAllocator hands out, and its byte sizes.
+struct BlockAllocatorConfig {
+  std::uint32_t num_blocks = 1024;
+  std::uint32_t block_size = 16;  ///< tokens per block
+  std::uint32_t num_layers = 32;
+  std::uint32_t num_kv_heads = 8;
+  std::uint32_t head_dim = 128;
+  std::uint32_t dtype_bytes = 2;
+
+  /// The defaults with `num_blocks` blocks.
+  static BlockAllocatorConfig with_blocks(std::uint32_t num_blocks) {
+    BlockAllocatorConfig c;
+    c.num_blocks = num_blocks;
+    return c;
+  }
+  /// 2 (K and V) x layers x kv heads x head dim x block size x dtype bytes.
+  constexpr std::uint64_t bytes_per_block() const {
+    return std::uint64_t{2} * num_layers * num_kv_heads * head_dim * block_size * dtype_bytes;
+  }
+  constexpr std::uint64_t total_memory_bytes() const { return bytes_per_block() * num_blocks; }
+};
+
+/// A snapshot of a BlockAllocator's pool, in blocks and bytes.
+struct MemoryStats {
+  std::uint64_t total_blocks = 0;
+  std::uint64_t allocated_blocks = 0;
+  std::uint64_t free_blocks = 0;
+  std::uint64_t total_bytes = 0;
+  std::uint64_t allocated_bytes = 0;
+  std::uint64_t free_bytes = 0;
+  /// allocated_blocks / total_blocks, in [0, 1] (0 for an empty pool).
+  double utilization() const {
+    return total_blocks == 0 ? 0.0 : static_cast<double>(allocated_blocks) / static_cast<double>(total_blocks);
+  }
+};
+
+class BlockAllocator;
+
+/// Blocks held for one sequence, returned to the pool when destroyed (TGI's
+/// `Drop for BlockAllocation`). Move-only; a moved-from or default-constructed
+/// allocation owns nothing and its destructor does nothing. Must not outlive
+/// the BlockAllocator that made it. Not itself thread-safe (see the top).
+class BlockAllocation {
+ public:
+  BlockAllocation() noexcept = default;
+  BlockAllocation(BlockAllocation&& other) noexcept;
+  /// Releases the blocks held now, then takes over `other`'s.
+  BlockAllocation& operator=(BlockAllocation&& other) noexcept;
+  BlockAllocation(const BlockAllocation&) = delete;
+  BlockAllocation& operator=(const BlockAllocation&) = delete;
+  ~BlockAllocation();
+
+  /// The blocks, in token order: token t lives in blocks()[t / block_size].
+  std::span<const BlockId> blocks() const noexcept { return blocks_; }
+  /// The token count recorded by allocate() or the last successful extend().
+  std::size_t tokens() const noexcept { return tokens_; }
+  /// Tokens the blocks can hold: blocks().size() x block_size.
+  std::size_t capacity() const noexcept { return blocks_.size() * block_size_; }
+
+  /// TGI's slot: blocks()[token / block_size] x block_size + token % block_size.
+  /// Any token below capacity() is valid (the tail of the last block is where
+  /// the next tokens go); throws std::out_of_range otherwise.
+  std::uint32_t slot(std::size_t token) const;
+
+  /// Makes room for `new_total_tokens`: takes the missing blocks from the pool
+  /// all-or-nothing and appends them. Never frees blocks: a total that fits in
+  /// the blocks held now (smaller ones included) just records the new token
+  /// count. On false (pool short of blocks, or an empty allocation) nothing
+  /// changed. May throw std::bad_alloc growing the block list (then nothing
+  /// changed either).
+  [[nodiscard]] bool extend(std::size_t new_total_tokens);
+
+  /// A second owner of the same blocks and token count: every block gains one
+  /// reference, and each owner returns its own when destroyed. Copy-on-write of
+  /// a shared, partly filled last block is the caller's concern. Sharing an
+  /// empty allocation gives an empty one.
+  BlockAllocation share() const;
+
+ private:
+  friend class BlockAllocator;
+  BlockAllocation(BlockPool* pool, std::uint32_t block_size, std::vector<BlockId> blocks,
+                  std::size_t tokens) noexcept;
+  void release_all() noexcept;
+
+  BlockPool* pool_ = nullptr;
+  std::uint32_t block_size_ = 0;
+  std::size_t tokens_ = 0;
+  std::vector<BlockId> blocks_;
+};
+
+/// Token-sized allocations over a BlockPool it owns (TGI's SimpleAllocator,
+/// without the background task: allocate() runs on the caller's thread).
+/// Not copyable or movable (allocations point at its pool).
+class BlockAllocator {
+ public:
+  /// Throws std::invalid_argument when block_size is 0, num_blocks is 0 or
+  /// above kMaxBlocks, num_blocks x block_size exceeds 2^32 (slots are 32-bit),
+  /// or total_memory_bytes() overflows 64 bits.
+  explicit BlockAllocator(BlockAllocatorConfig config);
+  BlockAllocator(const BlockAllocator&) = delete;
+  BlockAllocator& operator=(const BlockAllocator&) = delete;
+  BlockAllocator(BlockAllocator&&) = delete;
+  BlockAllocator& operator=(BlockAllocator&&) = delete;
+
+  const BlockAllocatorConfig& config() const noexcept { return config_; }
+  BlockPool& pool() noexcept { return pool_; }
+  const BlockPool& pool() const noexcept { return pool_; }
+
+  /// ceil(tokens / block_size) blocks (at least one), or nullopt when the pool
+  /// has fewer free. Allocates the block list (std::bad_alloc may escape).
+  /// Concurrent with anything.
+  std::optional<BlockAllocation> allocate(std::size_t tokens);
+
+  /// A snapshot of the pool. Concurrent with anything.
+  MemoryStats memory_stats() const noexcept;
+
+ private:
+  BlockAllocatorConfig config_;
+  BlockPool pool_;
+};
+
+}  // namespace tgi_gtc::scheduling

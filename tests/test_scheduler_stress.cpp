@@ -1,0 +1,271 @@
+// Scheduler under concurrency: producers, consumers, cancellers, peekers and
+// clearers at once, checked against a shared logical clock (support/history.hpp).
+// Suite "stress": runs under ThreadSanitizer in CI. --iters=N scales it,
+// --seed=S replays it.
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <barrier>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include <tgi_gtc/scheduling.hpp>
+
+#include "support/history.hpp"
+#include "support/options.hpp"
+
+using namespace tgi_gtc::scheduling;
+using namespace tgi_test;
+
+namespace {
+
+struct Mix {
+  int schedule, next, peek, cancel, clear;  // weights
+};
+
+struct RunResult {
+  std::vector<Violation> violations;
+  std::size_t events = 0;
+  std::size_t max_len_seen = 0;
+  std::size_t accepted = 0;
+};
+
+// Runs `threads` workers for `ops` calls each against one scheduler; every
+// call is stamped with the shared clock. Leftover tasks are drained by clear().
+RunResult run_mixed(const SchedulerConfig& config, unsigned threads, std::uint64_t ops, Mix mix, std::uint64_t seed) {
+  Scheduler s(config);
+  LogicalClock clock;
+  std::vector<ThreadLog> logs(threads + 1);
+  for (auto& l : logs) l.reserve(ops + 16);
+  // Recently scheduled ids, for cancellers to aim at (a ring; races are fine).
+  constexpr std::size_t kRecent = 256;
+  std::vector<std::atomic<TaskId>> recent(kRecent);
+  std::atomic<std::size_t> max_len{0};
+  std::atomic<std::size_t> len_violations{0};
+  std::barrier start(static_cast<std::ptrdiff_t>(threads));
+  const int total = mix.schedule + mix.next + mix.peek + mix.cancel + mix.clear;
+
+  auto worker = [&](unsigned w) {
+    std::mt19937_64 rng(seed * 1000003 + w);
+    ThreadLog& log = logs[w];
+    start.arrive_and_wait();
+    for (std::uint64_t i = 0; i < ops; ++i) {
+      int pick = static_cast<int>(rng() % static_cast<std::uint64_t>(total));
+      if ((pick -= mix.schedule) < 0) {
+        const TaskId id = s.next_id();
+        const auto p = static_cast<Priority>(rng() % 4);
+        record(clock, log, Op::Schedule, [&](Event& e) {
+          e.id = id;
+          e.priority = p;
+          e.ok = !s.schedule(ScheduledTask(id, 1).with_priority(p));
+        });
+        recent[id % kRecent].store(id, std::memory_order::relaxed);  // relaxed: a hint only
+      } else if ((pick -= mix.next) < 0) {
+        record(clock, log, Op::Next, [&](Event& e) {
+          if (auto t = s.next()) {
+            e.ok = true;
+            e.id = t->id;
+            e.priority = t->priority;
+          }
+        });
+      } else if ((pick -= mix.peek) < 0) {
+        record(clock, log, Op::Peek, [&](Event& e) {
+          if (auto t = s.peek()) {
+            e.ok = true;
+            e.id = t->id;
+            e.priority = t->priority;
+          }
+        });
+      } else if ((pick -= mix.cancel) < 0) {
+        const TaskId id = recent[rng() % kRecent].load(std::memory_order::relaxed);  // relaxed: a hint only
+        if (id == 0) continue;
+        record(clock, log, Op::Cancel, [&](Event& e) {
+          e.id = id;
+          if (auto t = s.cancel(id)) {
+            e.ok = true;
+            e.priority = t->priority;
+            if (t->id != id) e.id = 0;  // reported as never accepted
+          }
+        });
+      } else {
+        const std::uint64_t t0 = clock.tick();
+        auto all = s.clear();
+        const std::uint64_t t1 = clock.tick();
+        for (const auto& t : all) log.push_back({Op::Clear, true, t.priority, t.id, t0, t1});
+      }
+      const std::size_t n = s.len();
+      if (n > config.max_queue_size) len_violations.fetch_add(1);
+      std::size_t m = max_len.load(std::memory_order::relaxed);  // relaxed: a statistic
+      while (n > m && !max_len.compare_exchange_weak(m, n, std::memory_order::relaxed)) {
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (unsigned w = 0; w < threads; ++w) pool.emplace_back(worker, w);
+  for (auto& t : pool) t.join();
+
+  const std::uint64_t t0 = clock.tick();
+  for (const auto& t : s.clear()) logs[threads].push_back({Op::Clear, true, t.priority, t.id, t0, clock.tick()});
+  RunResult r;
+  HistoryChecker checker(config.priority_scheduling);
+  for (const auto& l : logs) {
+    checker.add(l);
+    for (const auto& e : l) r.accepted += e.op == Op::Schedule && e.ok;
+  }
+  r.events = checker.size();
+  r.violations = checker.check();
+  if (len_violations.load()) r.violations.push_back({"len", "len() exceeded max_queue_size"});
+  r.max_len_seen = max_len.load();
+  CHECK(s.is_empty());
+  return r;
+}
+
+void expect_clean(const RunResult& r) {
+  for (const auto& v : r.violations) FAIL_CHECK(v.kind << ": " << v.detail);
+  CHECK(r.violations.empty());
+  CHECK(r.accepted > 0);
+}
+
+}  // namespace
+
+TEST_SUITE("stress") {
+  TEST_CASE("mixed calls are linearizable with priorities") {
+    const auto seed = tgi_test::seed();
+    const auto ops = tgi_test::iterations(20000);
+    MESSAGE("seed=" << seed << " iters=" << ops);
+    const auto r = run_mixed(SchedulerConfig::with_max_queue(64), 4, ops, {40, 30, 10, 15, 1}, seed);
+    expect_clean(r);
+    CHECK(r.max_len_seen <= 64);
+  }
+
+  TEST_CASE("mixed calls are linearizable in FIFO mode") {
+    const auto seed = tgi_test::seed();
+    const auto ops = tgi_test::iterations(20000);
+    MESSAGE("seed=" << seed << " iters=" << ops);
+    SchedulerConfig c{.max_queue_size = 64, .priority_scheduling = false};
+    expect_clean(run_mixed(c, 4, ops, {40, 30, 10, 15, 1}, seed + 1));
+  }
+
+  TEST_CASE("a near-full queue keeps len within capacity") {
+    const auto seed = tgi_test::seed();
+    const auto ops = tgi_test::iterations(20000);
+    MESSAGE("seed=" << seed << " iters=" << ops);
+    const auto r = run_mixed(SchedulerConfig::with_max_queue(8), 4, ops, {60, 15, 5, 20, 0}, seed + 2);
+    expect_clean(r);
+    CHECK(r.max_len_seen == 8);  // the queue really was full at times
+  }
+
+  TEST_CASE("a deep queue with heavy cancellation conserves every task") {
+    const auto seed = tgi_test::seed();
+    const auto ops = tgi_test::iterations(20000);
+    MESSAGE("seed=" << seed << " iters=" << ops);
+    expect_clean(run_mixed(SchedulerConfig::with_max_queue(4096), 4, ops, {50, 10, 5, 35, 0}, seed + 3));
+  }
+
+  TEST_CASE("cancel racing next for the same task: exactly one gets it") {
+    const auto seed = tgi_test::seed();
+    const auto rounds = tgi_test::iterations(20000) / 20;
+    MESSAGE("seed=" << seed << " rounds=" << rounds);
+    Scheduler s(SchedulerConfig::with_max_queue(64));
+    std::barrier sync(2);
+    std::vector<int> got(64 * rounds + 1, 0);
+    std::atomic<std::uint64_t> by_next{0}, by_cancel{0};
+    std::thread taker([&] {
+      for (std::uint64_t r = 0; r < rounds; ++r) {
+        sync.arrive_and_wait();
+        while (auto t = s.next()) {
+          ++got[t->id];
+          by_next.fetch_add(1, std::memory_order::relaxed);  // relaxed: read after join
+        }
+        sync.arrive_and_wait();
+      }
+    });
+    std::mt19937_64 rng(seed);
+    for (std::uint64_t r = 0; r < rounds; ++r) {
+      for (TaskId i = 1; i <= 64; ++i) REQUIRE_FALSE(s.schedule(ScheduledTask(r * 64 + i, 1).with_priority(static_cast<Priority>(rng() % 4))));
+      sync.arrive_and_wait();
+      for (TaskId i = 64; i >= 1; --i) {
+        if (auto t = s.cancel(r * 64 + i)) {
+          ++got[t->id];
+          by_cancel.fetch_add(1, std::memory_order::relaxed);  // relaxed: read after join
+        }
+      }
+      sync.arrive_and_wait();
+    }
+    taker.join();
+    std::size_t bad = 0;
+    for (std::size_t id = 1; id < got.size(); ++id) bad += got[id] != 1;
+    CHECK(bad == 0);
+    CHECK(by_next.load() + by_cancel.load() == 64 * rounds);
+    CHECK(s.is_empty());
+  }
+
+  TEST_CASE("concurrent schedules of one id: exactly one is queued") {
+    const auto rounds = tgi_test::iterations(20000) / 10;
+    Scheduler s(SchedulerConfig::with_max_queue(16));
+    std::barrier sync(3);
+    std::atomic<int> accepted{0};
+    auto racer = [&] {
+      for (std::uint64_t r = 0; r < rounds; ++r) {
+        sync.arrive_and_wait();
+        if (!s.schedule(ScheduledTask(r + 1, 1))) accepted.fetch_add(1);
+        sync.arrive_and_wait();
+      }
+    };
+    std::thread a(racer), b(racer);
+    std::size_t wrong = 0;
+    for (std::uint64_t r = 0; r < rounds; ++r) {
+      sync.arrive_and_wait();
+      sync.arrive_and_wait();
+      wrong += accepted.exchange(0) != 1;
+      wrong += s.len() != 1;
+      wrong += !s.cancel(r + 1);
+    }
+    a.join();
+    b.join();
+    CHECK(wrong == 0);
+  }
+}
+
+TEST_CASE("the history checker flags a reordering, a loss and a passed-over task") {
+  // A checker that cannot fail is worthless: feed it broken histories.
+  HistoryChecker fifo(true);
+  fifo.add({{Op::Schedule, true, Priority::Normal, 1, 1, 2},
+            {Op::Schedule, true, Priority::Normal, 2, 3, 4},
+            {Op::Next, true, Priority::Normal, 2, 5, 6},
+            {Op::Next, true, Priority::Normal, 1, 7, 8}});
+  auto v = fifo.check();
+  REQUIRE(v.size() == 1);
+  CHECK(v[0].kind == "fifo");
+
+  HistoryChecker lost(true);
+  lost.add({{Op::Schedule, true, Priority::Normal, 1, 1, 2}});
+  v = lost.check();
+  REQUIRE(v.size() == 1);
+  CHECK(v[0].kind == "conservation");
+
+  HistoryChecker passed(true);
+  passed.add({{Op::Schedule, true, Priority::Low, 1, 1, 2},
+              {Op::Schedule, true, Priority::High, 2, 3, 4},
+              {Op::Next, true, Priority::Low, 1, 5, 6},
+              {Op::Next, true, Priority::High, 2, 7, 8}});
+  v = passed.check();
+  REQUIRE(v.size() == 1);
+  CHECK(v[0].kind == "priority");
+
+  HistoryChecker missed(true);
+  missed.add({{Op::Schedule, true, Priority::Low, 1, 1, 2},
+              {Op::Cancel, false, Priority::Low, 1, 3, 4},
+              {Op::Next, true, Priority::Low, 1, 5, 6}});
+  v = missed.check();
+  REQUIRE(v.size() == 1);
+  CHECK(v[0].kind == "cancel");
+
+  HistoryChecker overlapping(true);  // overlapping calls may go either way
+  overlapping.add({{Op::Schedule, true, Priority::Normal, 1, 1, 4},
+                   {Op::Schedule, true, Priority::Normal, 2, 2, 3},
+                   {Op::Next, true, Priority::Normal, 2, 5, 6},
+                   {Op::Next, true, Priority::Normal, 1, 7, 8}});
+  CHECK(overlapping.check().empty());
+}
