@@ -12,18 +12,18 @@ namespace tgi_gtc::scheduling {
 namespace detail {
 namespace {
 
-// Bucket state words: gen:39 | fp:20 | preemptible:1 | priority:2 | st:2.
-constexpr std::uint64_t kFree = 0, kFilling = 1, kQueued = 2, kRemoved = 3;
-constexpr unsigned kFpShift = 5, kGenShift = 25;
+// Bucket state words: gen:38 | fp:20 | preemptible:1 | priority:2 | st:3.
+constexpr std::uint64_t kFree = 0, kFilling = 1, kQueued = 2, kTaken = 3, kCancelled = 4;
+constexpr unsigned kPrioShift = 3, kPreemptBit = 5, kFpShift = 6, kGenShift = 26;
 constexpr std::uint64_t kFpMask = (std::uint64_t{1} << 20) - 1;
-constexpr std::uint64_t st_of(std::uint64_t s) { return s & 3; }
+constexpr std::uint64_t st_of(std::uint64_t s) { return s & 7; }
 constexpr std::uint64_t gen_of(std::uint64_t s) { return s >> kGenShift; }
 constexpr std::uint64_t fp_of(std::uint64_t s) { return (s >> kFpShift) & kFpMask; }
-constexpr std::uint64_t with_st(std::uint64_t s, std::uint64_t st) { return (s & ~std::uint64_t{3}) | st; }
+constexpr std::uint64_t with_st(std::uint64_t s, std::uint64_t st) { return (s & ~std::uint64_t{7}) | st; }
 constexpr std::uint64_t free_state(std::uint64_t gen) { return gen << kGenShift; }
 constexpr std::uint64_t filling_state(std::uint64_t gen, std::uint64_t fp, const ScheduledTask& t) {
-  return gen << kGenShift | fp << kFpShift | (t.is_preemptible ? 16u : 0u) | std::uint64_t{value(t.priority)} << 2 |
-         kFilling;
+  return gen << kGenShift | fp << kFpShift | std::uint64_t{t.is_preemptible} << kPreemptBit |
+         std::uint64_t{value(t.priority)} << kPrioShift | kFilling;
 }
 
 // Cell words: round:37 | occ:1 | bucket:26.
@@ -60,10 +60,10 @@ inline void cpu_relax() noexcept {
 
 ScheduledTask task_of(const Bucket& b, std::uint64_t state) noexcept {
   // relaxed (both): ordered after the seq_cst state load that returned
-  // `state`; valid only if a later CAS or load finds the same word (I6).
+  // `state`; valid only if a later CAS or load finds the same word (I7).
   ScheduledTask t(b.id.load(std::memory_order::relaxed), b.tokens.load(std::memory_order::relaxed));
-  t.priority = static_cast<Priority>((state >> 2) & 3);
-  t.is_preemptible = (state & 16) != 0;
+  t.priority = static_cast<Priority>((state >> kPrioShift) & 3);
+  t.is_preemptible = ((state >> kPreemptBit) & 1) != 0;
   return t;
 }
 
@@ -77,8 +77,8 @@ SchedulerCore::SchedulerCore(const SchedulerConfig& config)
     rings_[i].mask = cells - 1;
     rings_[i].shift = static_cast<unsigned>(std::countr_zero(cells));
   }
-  const std::size_t buckets = std::bit_ceil(capacity_ + capacity_ / 2 + 64);
-  static_assert(std::bit_ceil(kMaxQueueSize + kMaxQueueSize / 2 + 64) <= kSlotMask + 1);
+  const std::size_t buckets = 2 * cells;  // I8
+  static_assert(2 * std::bit_ceil(kMaxQueueSize + kSlack + 1) <= kSlotMask + 1);
   table_ = std::make_unique<Bucket[]>(buckets);
   reach_ = std::make_unique<std::atomic<std::uint32_t>[]>(buckets);
   table_mask_ = buckets - 1;
@@ -126,7 +126,7 @@ std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task, std::uint64
   const std::uint64_t home = hash & table_mask_;
   const std::uint64_t fp = fp_of_hash(hash);
   for (unsigned backoff = 1;; backoff = backoff < 4096 ? backoff * 2 : backoff) {
-    // Claim the first free bucket from home (the table is at most 2/3 full).
+    // Claim the first free bucket from home (the table is about half full at most, I8).
     std::uint64_t d = 0, mine = 0, state = 0;
     for (;; ++d) {
       mine = (home + d) & table_mask_;
@@ -142,7 +142,7 @@ std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task, std::uint64
     std::uint32_t r = reach_[home].load();
     while (r < d + 1 && !reach_[home].compare_exchange_weak(r, static_cast<std::uint32_t>(d + 1))) {
     }
-    // Rescan every bucket an entry of this home may occupy (I5).
+    // Rescan every bucket an entry of this home may occupy (I6).
     bool duplicate = false, contended = false;
     const std::uint32_t range = reach_[home].load();
     for (std::uint64_t i = 0; i < range; ++i) {
@@ -192,39 +192,50 @@ std::error_code SchedulerCore::schedule(const ScheduledTask& task) noexcept {
 
 void SchedulerCore::publish(Ring& ring, std::uint32_t b, std::uint64_t queued) noexcept {
   Bucket& bucket = table_[b];
-  const std::uint64_t removed = with_st(queued, kRemoved);
+  const std::uint64_t cancelled = with_st(queued, kCancelled);
+  const std::uint64_t capacity = ring.mask + 1;
   for (;;) {
-    if (bucket.state.load() == removed) {
-      // Cancelled before any publish succeeded: no cell holds it (I4).
-      free_bucket(b, removed);
+    if (bucket.state.load() == cancelled) {
+      // Cancelled before any publish succeeded: no cell holds it (I5).
+      free_bucket(b, cancelled);
       return;
     }
     const std::uint64_t t = ring.tail.fetch_add(1);
-    bucket.ticket.store(t);
     const std::uint64_t r = t >> ring.shift;
     std::atomic<std::uint64_t>& cell = ring.cells[t & ring.mask];
     std::uint64_t w = cell.load();
-    while (!cell_occ(w) && round_diff(cell_round(w), r) <= 0) {
-      if (cell.compare_exchange_weak(w, occ_cell(r, b))) {
-        // Published. A cancel that claimed the task meanwhile may have read an
-        // older ticket and missed this cell. Of this load and cancel's ticket
-        // load after its claim, at least one sees the other's write (all
-        // seq_cst), so one of us clears the tombstone.
-        if (bucket.state.load() == removed) clear_cell(cell, occ_cell(r, b), r);
-        return;
+    for (;;) {
+      const std::int64_t age = round_diff(cell_round(w), r);
+      if (age > 0) break;  // a consumer invalidated this ticket, or a later lap took the cell
+      if (cell_occ(w)) {
+        if (age == 0) break;  // cannot happen: tickets are unique
+        // An earlier lap's task. Its ticket below head means it was taken and
+        // the cell is stale; otherwise it may be a cancelled task's tombstone,
+        // which we may steal; a queued (or being taken) task keeps its cell.
+        const std::uint64_t old_ticket = t - static_cast<std::uint64_t>(-age) * capacity;
+        if (ring.head.load() <= old_ticket) {
+          const std::uint32_t x = cell_bucket(w);
+          const std::uint64_t xs = table_[x].state.load();
+          // I3: head still at or before its ticket, so xs is that task's state.
+          if (ring.head.load() > old_ticket) continue;
+          if (st_of(xs) != kCancelled) break;  // abandon this ticket
+          if (reclaim_cell(cell, w, occ_cell(r, b))) return;
+          w = cell.load();
+          continue;
+        }
       }
+      if (cell.compare_exchange_weak(w, occ_cell(r, b))) return;
     }
-    // Lost the ticket (a consumer invalidated it or a later lap took the
-    // cell), or an earlier lap's task still sits here: take another.
+    // Lost the ticket, or an earlier lap's task still sits here: take another.
   }
 }
 
-void SchedulerCore::clear_cell(std::atomic<std::uint64_t>& cell, std::uint64_t w, std::uint64_t round) noexcept {
+bool SchedulerCore::reclaim_cell(std::atomic<std::uint64_t>& cell, std::uint64_t w, std::uint64_t with) noexcept {
   std::uint64_t expected = w;
-  if (cell.compare_exchange_strong(expected, empty_cell(round + 1))) {
-    const std::uint32_t b = cell_bucket(w);
-    free_bucket(b, table_[b].state.load());
-  }
+  if (!cell.compare_exchange_strong(expected, with)) return false;
+  const std::uint32_t x = cell_bucket(w);
+  free_bucket(x, table_[x].state.load());
+  return true;
 }
 
 // ---------------------------------------------------------------------------
@@ -250,25 +261,26 @@ SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bo
       ring.head.compare_exchange_strong(h, h + 1);
       continue;
     }
-    if (age < 0) continue;  // head moved on under us (I1); reload
-    if (!cell_occ(w)) {
-      // Ticket taken, not yet published. Give the producer a moment, then
-      // invalidate the ticket rather than wait for it.
-      for (int i = 0; i < 64 && w == empty_cell(r); ++i) {
-        cpu_relax();
-        w = cell.load();
-      }
-      if (w == empty_cell(r) && cell.compare_exchange_strong(w, empty_cell(r + 1))) {
-        ring.head.compare_exchange_strong(h, h + 1);
-      }
+    if (age < 0 || !cell_occ(w)) {
+      // Ticket h was taken but not published: the cell still shows an earlier
+      // lap (empty, or a taken task's stale entry). Its producer is in flight
+      // or gave the ticket up. Give it a moment, then invalidate the ticket
+      // rather than wait for it.
+      for (int i = 0; i < 64 && cell.load() == w; ++i) cpu_relax();
+      if (cell.compare_exchange_strong(w, empty_cell(r + 1))) ring.head.compare_exchange_strong(h, h + 1);
       continue;
     }
     const std::uint32_t b = cell_bucket(w);
     Bucket& bucket = table_[b];
     const std::uint64_t st = bucket.state.load();
-    if (cell.load() != w) continue;  // I2: st belongs to the task in this cell
-    if (st_of(st) != kQueued) {      // a tombstone: taken or cancelled
-      clear_cell(cell, w, r);
+    // I3: with head and cell unchanged, st is the state of this cell's task.
+    if (ring.head.load() != h || cell.load() != w) continue;
+    if (st_of(st) == kCancelled) {  // a tombstone
+      reclaim_cell(cell, w, empty_cell(r + 1));
+      ring.head.compare_exchange_strong(h, h + 1);
+      continue;
+    }
+    if (st_of(st) != kQueued) {  // TAKEN: its taker has yet to move head
       ring.head.compare_exchange_strong(h, h + 1);
       continue;
     }
@@ -280,10 +292,10 @@ SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bo
       return Take::kGot;
     }
     std::uint64_t expected = st;
-    if (!bucket.state.compare_exchange_strong(expected, with_st(st, kRemoved))) continue;
-    std::uint64_t clear = w;
-    if (cell.compare_exchange_strong(clear, empty_cell(r + 1))) free_bucket(b, st);
+    if (!bucket.state.compare_exchange_strong(expected, with_st(st, kTaken))) continue;
+    // The cell stays as it is: with head past it, it is stale (see publish).
     ring.head.compare_exchange_strong(h, h + 1);
+    free_bucket(b, st);
     unreserve();
     out = task;
     return Take::kGot;
@@ -350,24 +362,10 @@ restart:
     const ScheduledTask task = task_of(bucket, st);
     if (task.id != id) continue;
     std::uint64_t expected = st;
-    const std::uint64_t removed = with_st(st, kRemoved);
-    if (!bucket.state.compare_exchange_strong(expected, removed)) goto restart;
-    // Claimed. Clear the cell that holds it, if it is published: read the
-    // ticket after the claim (see publish() for why one of us clears it). The
-    // bucket is not freed while its cell holds it, and re-reading the state
-    // after the ticket proves the ticket belongs to this task.
-    Ring& ring = rings_[ring_of(task.priority)];
-    for (std::uint64_t last = UINT64_MAX;;) {
-      const std::uint64_t t = bucket.ticket.load();
-      if (t == last || bucket.state.load() != removed) break;
-      last = t;
-      const std::uint64_t r = t >> ring.shift;
-      std::atomic<std::uint64_t>& cell = ring.cells[t & ring.mask];
-      if (cell.load() == occ_cell(r, b)) {
-        clear_cell(cell, occ_cell(r, b), r);
-        break;
-      }
-    }
+    if (!bucket.state.compare_exchange_strong(expected, with_st(st, kCancelled))) goto restart;
+    // Its cell, if it was published, is now a tombstone: the consumer that
+    // reaches it, or the producer that laps onto it, clears it and frees the
+    // bucket (I5). Capacity is free now.
     unreserve();
     return task;
   }

@@ -7,20 +7,20 @@
 //   count_  [own 64 B line]  tasks accepted and not yet removed (capacity gate)
 //   ids_    [own 64 B line]  next_id() counter
 //
-//   table_[M], M = 2^k >= 1.5 N + 64 (N = max_queue_size): the task slots and
-//   the id index in one open-addressing hash table. A task lives in a bucket
-//   of the probe range of its id's home bucket h = hash(id) mod M:
-//        state   = gen:39 | fp:20 | preemptible:1 | priority:2 | st:2
-//                  st: FREE, FILLING, QUEUED, REMOVED; fp: 20 more hash bits
-//        id, tokens                written while FILLING
-//        ticket                    ring position of the current publish try
-//   reach_[h] = how many buckets from h an entry whose home is h may sit in.
-//
 //   rings_[P] (P = 4 with priority scheduling, 1 without; [0] = highest):
-//        head [own line]  tail [own line]  cells[C], C = 2^j > N + kSlack
-//        cell  = round:37 | occ:1 | bucket:26
+//        head [own line]  tail [own line]  cells[C], C = 2^j >= N + 65
+//        cell  = round:37 | occ:1 | bucket:26       (N = max_queue_size)
 //              EMPTY(r) = r << 27          OCC(r, b) = r << 27 | 1 << 26 | b
 //        ticket t lives in cells[t mod C] during round r = t / C.
+//
+//   table_[M], M = 2C: the task slots and the id index in one open-addressing
+//   hash table. A task lives in a bucket of the probe range of its id's home
+//   bucket h = hash(id) mod M:
+//        state   = gen:38 | fp:20 | preemptible:1 | priority:2 | st:3
+//                  st: FREE, FILLING, QUEUED, TAKEN, CANCELLED
+//                  fp: 20 more bits of the id's hash
+//        id, tokens                written while FILLING
+//   reach_[h] = how many buckets from h an entry whose home is h may sit in.
 //
 // ===========================================================================
 // The ring (after Vyukov's bounded MPMC queue, with the invalidation of
@@ -33,53 +33,67 @@
 // ticket was taken (ticket < tail) but not yet published is invalidated
 // (EMPTY(r) -> EMPTY(r+1)) and its producer retries with a new ticket. That
 // keeps next() lock-free and makes "empty" exact: head >= tail.
+// A taken task's cell is not cleared: once head has passed it, the cell is
+// stale, and the producer that lands on it one lap later overwrites it.
 //
 //   cell transition               by        when
 //   EMPTY(r)   -> OCC(r, b)       producer  ticket t, round r: publish
-//   EMPTY(r')  -> OCC(r, b)       producer  r' older: ticket t - C was never
-//                                           published; take the cell over
-//   EMPTY(r)   -> EMPTY(r+1)      consumer  ticket taken, not published: skip
-//   OCC(r, b)  -> EMPTY(r+1)      whoever   b is REMOVED (taken or cancelled):
-//                                           clear; the clearer frees b
-//   OCC(r', b) (r' older)         producer  the cell still holds an earlier
-//                                           lap's task: abandon this ticket
+//   EMPTY(r')  -> OCC(r, b)       producer  r' older: that lap's ticket was
+//                                           never published; take the cell
+//   OCC(r', x) -> OCC(r, b)       producer  r' older and its ticket below head
+//                                           (stale: x was taken), or x was
+//                                           CANCELLED (steal; free x)
+//   EMPTY(r'), OCC(r', x)         consumer  r' <= r, x stale: ticket r taken
+//              -> EMPTY(r+1)                but not published: invalidate, skip
+//   OCC(r, x)  -> EMPTY(r+1)      consumer  x CANCELLED at head: clear, free x
+//   OCC(r', x) (r' older)         producer  x QUEUED or TAKEN and its ticket
+//                                           not below head: abandon the ticket
 //
 // A consumer at head h (round r) reads cells[h mod C]:
-//   OCC(r, b), b QUEUED   -> claim b (CAS QUEUED -> REMOVED), clear, head+1
-//   OCC(r, b), b REMOVED  -> a cancelled task's tombstone: clear, head+1
-//   EMPTY(r), h < tail    -> unpublished ticket: invalidate, head+1
-//   round > r             -> the ticket was resolved already: head+1
+//   OCC(r, b), b QUEUED     -> claim b (QUEUED -> TAKEN), head+1, free b
+//   OCC(r, b), b TAKEN      -> another consumer's claim: help head+1
+//   OCC(r, b), b CANCELLED  -> a tombstone: clear the cell, free b, head+1
+//   EMPTY(r) or any older   -> unpublished ticket (h < tail): invalidate,
+//   lap's word                 head+1
+//   round > r               -> resolved already: head+1
 //
 // ===========================================================================
 // Bucket states
 // ===========================================================================
 //
-//   FREE(g)    -> FILLING(g)   schedule(): claimed in the id's probe range
-//   FILLING(g) -> QUEUED(g)    schedule(): fields written, id is unique
-//   FILLING(g) -> FREE(g+1)    schedule(): duplicate id or a same-id race
-//   QUEUED(g)  -> REMOVED(g)   next()/cancel()/clear(): the claim; exactly
-//                              one caller wins this CAS
-//   REMOVED(g) -> FREE(g+1)    whoever clears its cell, or its producer if it
-//                              was cancelled before any publish succeeded
+//   FREE(g)      -> FILLING(g)    schedule(): claimed in the id's probe range
+//   FILLING(g)   -> QUEUED(g)     schedule(): fields written, id is unique
+//   FILLING(g)   -> FREE(g+1)     schedule(): duplicate id or a same-id race
+//   QUEUED(g)    -> TAKEN(g)      next()/clear(): the claim (a CAS)
+//   QUEUED(g)    -> CANCELLED(g)  cancel(): the claim (the same word, so
+//                                 exactly one of next and cancel wins)
+//   TAKEN(g)     -> FREE(g+1)     its taker, once head has passed its cell
+//   CANCELLED(g) -> FREE(g+1)     whoever clears or overwrites its cell, or
+//                                 its producer if no publish succeeded
 //
 // Invariants
-//   I1. head <= tail; every ticket below head is resolved (its cell moved to a
-//       later round), so head >= tail means the ring holds no task.
+//   I1. head <= tail; every ticket below head is resolved (its task taken or
+//       cleared, or the ticket invalidated), so head >= tail means the ring
+//       holds no task, and a cell at head that still shows an earlier lap is
+//       stale: that lap's ticket was resolved when head passed it.
 //   I2. A cell's round never decreases, so a (round, bucket) pair appears in a
-//       cell at most once: a CAS expecting OCC(r, b) cannot succeed on a later
-//       occupant of bucket b (no ABA), and a consumer that re-reads OCC(r, b)
-//       after reading the bucket knows it read that occupant.
-//   I3. Tasks of a ring come out in ticket order, and a producer publishes only
-//       at a ticket taken after its earlier tries failed, so a task whose
+//       cell at most once (no ABA on cell CASes).
+//   I3. A bucket referenced by the cell at head is not freed while head stays
+//       there: TAKEN ones are freed after head moves past, CANCELLED ones only
+//       by a CAS that changes the cell. So a consumer that reads the cell, then
+//       the bucket, then finds head and cell unchanged, read that cell's task.
+//   I4. Tasks of a ring come out in ticket order, and a producer publishes
+//       only at a ticket taken after its earlier tries failed, so a task whose
 //       schedule() returned precedes every task scheduled afterwards.
-//   I4. A bucket is in at most one cell and is freed exactly once (the clearer
-//       of its cell, or its producer if no publish succeeded).
-//   I5. At most one bucket of the table is QUEUED or FILLING-past-its-check
-//       for an id: inserters claim, then rescan the whole probe range (both
-//       seq_cst, the store-buffer argument), and back off on seeing another.
-//   I6. A bucket's fields are read before the claim CAS and are valid exactly
+//   I5. Each bucket is freed exactly once per occupant (the rules above).
+//   I6. At most one bucket is QUEUED, or FILLING past its check, for an id:
+//       inserters claim, then rescan the whole probe range (both seq_cst: the
+//       store-buffer argument), and back off on seeing another.
+//   I7. A bucket's fields are read before the claim CAS and are valid exactly
 //       when that CAS succeeds from the same state word: fields are written
 //       only while FILLING, which needs a new generation.
+//   I8. Occupied cells <= queued + cancelled-not-yet-cleared tasks; the latter
+//       hold buckets too, so M = 2C keeps the table at most about half full.
 //
 // ===========================================================================
 // Linearization points
@@ -92,9 +106,9 @@
 //              CAS, or peek's re-read, proves it).
 //   cancel     the claim CAS (found), or the last probe (not found).
 //   QueueFull  the count read; count_ includes schedules in flight.
-// Ring, cell, state and ticket operations are seq_cst so that these points
-// fall in one total order (on x86-64 only the ticket store costs more than the
-// weaker orders would); the weaker ones are commented where they occur.
+// Ring, cell and state operations are seq_cst so that these points fall in one
+// total order (on x86-64 that costs nothing over acquire/release for loads and
+// RMWs); the weaker ones are commented where they occur.
 #pragma once
 
 #include <atomic>
@@ -115,9 +129,8 @@ struct Bucket {
   std::atomic<std::uint64_t> state{0};
   std::atomic<std::uint64_t> id{0};
   std::atomic<std::uint64_t> tokens{0};
-  std::atomic<std::uint64_t> ticket{0};
 };
-static_assert(sizeof(Bucket) == 32, "two buckets per cache line");
+static_assert(sizeof(Bucket) == 24);
 
 struct Ring {
   alignas(kCacheLine) std::atomic<std::uint64_t> head{0};
@@ -130,9 +143,7 @@ static_assert(sizeof(Ring) % kCacheLine == 0);
 
 class SchedulerCore {
  public:
-  /// Ring cells beyond max_queue_size: a removal decrements count_ before it
-  /// clears its cell, so up to kSlack removals may be in flight before a
-  /// producer may have to wait for one of them to finish.
+  /// Ring cells beyond max_queue_size, for tickets of schedules in flight.
   static constexpr std::size_t kSlack = 64;
 
   explicit SchedulerCore(const SchedulerConfig& config);
@@ -164,8 +175,9 @@ class SchedulerCore {
   template <class Validate>
   Take take_from(Ring& ring, std::uint64_t limit, bool remove, Validate&& validate,
                  std::optional<ScheduledTask>& out, std::uint64_t& empty_tail) noexcept;
-  /// Clears a cell holding a REMOVED bucket; the winner frees the bucket.
-  void clear_cell(std::atomic<std::uint64_t>& cell, std::uint64_t w, std::uint64_t round) noexcept;
+  /// Replaces cell word `w`, which holds a CANCELLED bucket, by `with`; the
+  /// winner of the CAS frees the bucket. Returns whether it won.
+  bool reclaim_cell(std::atomic<std::uint64_t>& cell, std::uint64_t w, std::uint64_t with) noexcept;
 
   SchedulerConfig config_;
   std::size_t capacity_;
