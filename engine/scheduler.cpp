@@ -10,6 +10,17 @@
 
 namespace tgi_gtc::scheduling {
 namespace detail {
+
+#ifdef TGI_GTC_TEST_HOOKS
+// Test builds only (tests/races): called between taking a ticket and
+// publishing, so a test can stall a producer exactly there.
+void (*g_after_ticket_hook)(std::uint64_t ticket) = nullptr;
+#define TGI_GTC_AFTER_TICKET(t) \
+  if (g_after_ticket_hook) g_after_ticket_hook(t)
+#else
+#define TGI_GTC_AFTER_TICKET(t)
+#endif
+
 namespace {
 
 // Bucket state words: gen:38 | fp:20 | preemptible:1 | priority:2 | st:3.
@@ -201,6 +212,7 @@ void SchedulerCore::publish(Ring& ring, std::uint32_t b, std::uint64_t queued) n
       return;
     }
     const std::uint64_t t = ring.tail.fetch_add(1);
+    TGI_GTC_AFTER_TICKET(t);
     const std::uint64_t r = t >> ring.shift;
     std::atomic<std::uint64_t>& cell = ring.cells[t & ring.mask];
     std::uint64_t w = cell.load();
