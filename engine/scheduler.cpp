@@ -59,7 +59,20 @@ constexpr std::uint64_t mix(std::uint64_t x) {  // splitmix64 finalizer
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
   return x ^ (x >> 31);
 }
-constexpr std::uint64_t fp_of_hash(std::uint64_t h) { return h >> 44; }  // top 20 bits; home uses the low ones
+// Home bucket of an id: ids come mostly from next_id(), so consecutive ids
+// (runs of kHomeRun) get consecutive buckets at a random place in the table.
+// A schedule()+next() then touches the same few cache lines as its neighbours
+// instead of one random line of a table that may be far larger than the
+// cache. Short runs keep linear probing's clusters short.
+constexpr unsigned kHomeRunBits = 3;
+struct IdHash {
+  std::uint64_t home;  // before masking
+  std::uint64_t fp;    // 20 bits: the run's hash, and the id's place in its run
+};
+constexpr IdHash id_hash(std::uint64_t id) {
+  const std::uint64_t h = mix(id >> kHomeRunBits);
+  return {h + id, (h >> 44) ^ (id & ((1u << kHomeRunBits) - 1))};
+}
 
 inline void cpu_relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)
@@ -133,9 +146,11 @@ void SchedulerCore::free_bucket(std::uint32_t b, std::uint64_t state) noexcept {
 // schedule
 // ---------------------------------------------------------------------------
 
-std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task, std::uint64_t hash) noexcept {
-  const std::uint64_t home = hash & table_mask_;
-  const std::uint64_t fp = fp_of_hash(hash);
+std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
+  const IdHash hash = id_hash(task.id);
+  const std::uint64_t home = hash.home & table_mask_;
+  const std::uint64_t fp = hash.fp;
+  std::atomic<std::uint32_t>& reach = reach_[home];
   for (unsigned backoff = 1;; backoff = backoff < 4096 ? backoff * 2 : backoff) {
     // Claim the first free bucket from home (the table is about half full at most, I8).
     std::uint64_t d = 0, mine = 0, state = 0;
@@ -150,12 +165,12 @@ std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task, std::uint64
     // relaxed (both): published by the release store of QUEUED in schedule().
     bucket.id.store(task.id, std::memory_order::relaxed);
     bucket.tokens.store(task.estimated_tokens, std::memory_order::relaxed);
-    std::uint32_t r = reach_[home].load();
-    while (r < d + 1 && !reach_[home].compare_exchange_weak(r, static_cast<std::uint32_t>(d + 1))) {
+    std::uint32_t r = reach.load();
+    while (r < d + 1 && !reach.compare_exchange_weak(r, static_cast<std::uint32_t>(d + 1))) {
     }
     // Rescan every bucket an entry of this home may occupy (I6).
     bool duplicate = false, contended = false;
-    const std::uint32_t range = reach_[home].load();
+    const std::uint32_t range = reach.load();
     for (std::uint64_t i = 0; i < range; ++i) {
       const std::uint64_t b = (home + i) & table_mask_;
       const std::uint64_t s = table_[b].state.load();
@@ -188,7 +203,7 @@ std::size_t SchedulerCore::ring_of(Priority p) const noexcept {
 
 std::error_code SchedulerCore::schedule(const ScheduledTask& task) noexcept {
   if (!reserve()) return ScheduleError::QueueFull;
-  const std::uint32_t b = claim_bucket(task, mix(task.id));
+  const std::uint32_t b = claim_bucket(task);
   if (b == UINT32_MAX) {
     unreserve();
     return ScheduleError::DuplicateId;
@@ -212,11 +227,13 @@ void SchedulerCore::publish(Ring& ring, std::uint32_t b, std::uint64_t queued) n
       return;
     }
     const std::uint64_t t = ring.tail.fetch_add(1);
+    bucket.ticket.store(t);
     TGI_GTC_AFTER_TICKET(t);
     const std::uint64_t r = t >> ring.shift;
     std::atomic<std::uint64_t>& cell = ring.cells[t & ring.mask];
     std::uint64_t w = cell.load();
-    for (;;) {
+    bool published = false;
+    while (!published) {
       const std::int64_t age = round_diff(cell_round(w), r);
       if (age > 0) break;  // a consumer invalidated this ticket, or a later lap took the cell
       if (cell_occ(w)) {
@@ -231,14 +248,21 @@ void SchedulerCore::publish(Ring& ring, std::uint32_t b, std::uint64_t queued) n
           // I3: head still at or before its ticket, so xs is that task's state.
           if (ring.head.load() > old_ticket) continue;
           if (st_of(xs) != kCancelled) break;  // abandon this ticket
-          if (reclaim_cell(cell, w, occ_cell(r, b))) return;
-          w = cell.load();
+          published = reclaim_cell(cell, w, occ_cell(r, b));
+          if (!published) w = cell.load();
           continue;
         }
       }
-      if (cell.compare_exchange_weak(w, occ_cell(r, b))) return;
+      published = cell.compare_exchange_weak(w, occ_cell(r, b));
     }
-    // Lost the ticket, or an earlier lap's task still sits here: take another.
+    if (!published) continue;  // take another ticket
+    // Published. If a cancel claimed the task meanwhile, it may have read an
+    // older ticket and missed this cell. Of this load and the canceller's
+    // ticket load after its claim, at least one sees the other's write (all
+    // seq_cst, the store-buffer argument), so one of us clears the tombstone
+    // and it never outlives the calls involved (I8).
+    if (bucket.state.load() == cancelled) reclaim_cell(cell, occ_cell(r, b), empty_cell(r + 1));
+    return;
   }
 }
 
@@ -361,9 +385,9 @@ std::vector<ScheduledTask> SchedulerCore::clear() {
 // ---------------------------------------------------------------------------
 
 std::optional<ScheduledTask> SchedulerCore::cancel(TaskId id) noexcept {
-  const std::uint64_t hash = mix(id);
-  const std::uint64_t home = hash & table_mask_;
-  const std::uint64_t fp = fp_of_hash(hash);
+  const IdHash hash = id_hash(id);
+  const std::uint64_t home = hash.home & table_mask_;
+  const std::uint64_t fp = hash.fp;
 restart:
   const std::uint32_t range = reach_[home].load();
   for (std::uint64_t i = 0; i < range; ++i) {
@@ -375,9 +399,24 @@ restart:
     if (task.id != id) continue;
     std::uint64_t expected = st;
     if (!bucket.state.compare_exchange_strong(expected, with_st(st, kCancelled))) goto restart;
-    // Its cell, if it was published, is now a tombstone: the consumer that
-    // reaches it, or the producer that laps onto it, clears it and frees the
-    // bucket (I5). Capacity is free now.
+    // Clear its cell, if it is published (see publish() for why the ticket is
+    // read after the claim). Re-reading the state after the ticket proves the
+    // ticket belongs to this task: the bucket is not freed while its cell
+    // holds it. A tombstone left behind (its producer clears it) is also
+    // cleared by the consumer that reaches it or a producer lapping onto it.
+    Ring& ring = rings_[ring_of(task.priority)];
+    const std::uint64_t cancelled = with_st(st, kCancelled);
+    for (std::uint64_t last = UINT64_MAX;;) {
+      const std::uint64_t t = bucket.ticket.load();
+      if (t == last || bucket.state.load() != cancelled) break;
+      last = t;
+      const std::uint64_t r = t >> ring.shift;
+      std::atomic<std::uint64_t>& cell = ring.cells[t & ring.mask];
+      if (cell.load() == occ_cell(r, b)) {
+        reclaim_cell(cell, occ_cell(r, b), empty_cell(r + 1));
+        break;
+      }
+    }
     unreserve();
     return task;
   }

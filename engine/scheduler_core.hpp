@@ -15,11 +15,13 @@
 //
 //   table_[M], M = 2C: the task slots and the id index in one open-addressing
 //   hash table. A task lives in a bucket of the probe range of its id's home
-//   bucket h = hash(id) mod M:
+//   bucket h = (hash(id / 8) + id) mod M (runs of 8 consecutive ids share a
+//   random base, so ids from next_id() land on neighbouring cache lines):
 //        state   = gen:38 | fp:20 | preemptible:1 | priority:2 | st:3
 //                  st: FREE, FILLING, QUEUED, TAKEN, CANCELLED
 //                  fp: 20 more bits of the id's hash
 //        id, tokens                written while FILLING
+//        ticket                    ring position of the current publish try
 //   reach_[h] = how many buckets from h an entry whose home is h may sit in.
 //
 // ===========================================================================
@@ -45,7 +47,10 @@
 //                                           CANCELLED (steal; free x)
 //   EMPTY(r'), OCC(r', x)         consumer  r' <= r, x stale: ticket r taken
 //              -> EMPTY(r+1)                but not published: invalidate, skip
-//   OCC(r, x)  -> EMPTY(r+1)      consumer  x CANCELLED at head: clear, free x
+//   OCC(r, x)  -> EMPTY(r+1)      canceller x CANCELLED: its canceller clears it
+//                                 producer  (or its producer, if the canceller
+//                                 consumer  read an older ticket), or the
+//                                           consumer reaching it: free x
 //   OCC(r', x) (r' older)         producer  x QUEUED or TAKEN and its ticket
 //                                           not below head: abandon the ticket
 //
@@ -68,8 +73,9 @@
 //   QUEUED(g)    -> CANCELLED(g)  cancel(): the claim (the same word, so
 //                                 exactly one of next and cancel wins)
 //   TAKEN(g)     -> FREE(g+1)     its taker, once head has passed its cell
-//   CANCELLED(g) -> FREE(g+1)     whoever clears or overwrites its cell, or
-//                                 its producer if no publish succeeded
+//   CANCELLED(g) -> FREE(g+1)     whoever clears or overwrites its cell (one
+//                                 CAS decides), or its producer if no publish
+//                                 succeeded
 //
 // Invariants
 //   I1. head <= tail; every ticket below head is resolved (its task taken or
@@ -92,8 +98,11 @@
 //   I7. A bucket's fields are read before the claim CAS and are valid exactly
 //       when that CAS succeeds from the same state word: fields are written
 //       only while FILLING, which needs a new generation.
-//   I8. Occupied cells <= queued + cancelled-not-yet-cleared tasks; the latter
-//       hold buckets too, so M = 2C keeps the table at most about half full.
+//   I8. A cancelled task's cell is cleared before its cancel() or its
+//       schedule() returns (the canceller reads the ticket after its claim, the
+//       producer re-reads the state after its publish: one of them sees the
+//       other). So buckets in use <= queued tasks + calls in flight, and M = 2C
+//       keeps the table about half full at most, whatever the cancel pattern.
 //
 // ===========================================================================
 // Linearization points
@@ -129,8 +138,9 @@ struct Bucket {
   std::atomic<std::uint64_t> state{0};
   std::atomic<std::uint64_t> id{0};
   std::atomic<std::uint64_t> tokens{0};
+  std::atomic<std::uint64_t> ticket{0};
 };
-static_assert(sizeof(Bucket) == 24);
+static_assert(sizeof(Bucket) == 32, "two buckets a cache line, none across two");
 
 struct Ring {
   alignas(kCacheLine) std::atomic<std::uint64_t> head{0};
@@ -164,7 +174,7 @@ class SchedulerCore {
 
   /// Claims a bucket for `task` in its id's probe range and checks the id is
   /// not queued. Returns the bucket, or kNoBucket for DuplicateId.
-  std::uint32_t claim_bucket(const ScheduledTask& task, std::uint64_t hash) noexcept;
+  std::uint32_t claim_bucket(const ScheduledTask& task) noexcept;
   void free_bucket(std::uint32_t b, std::uint64_t state) noexcept;
 
   std::size_t ring_of(Priority p) const noexcept;

@@ -269,6 +269,24 @@ TEST_CASE("cancelled tasks stop counting at once, however often repeated") {
   CHECK(drain(s) == expected);
 }
 
+TEST_CASE("regression: cancelled tasks in several rings behind a peeked head never fill the table") {
+  // schedule() used to spin once tombstones of cancelled tasks, left in three
+  // rings whose heads never moved (the serving loop only peeks a head that
+  // does not fit), took every bucket of the table.
+  Scheduler s(SchedulerConfig::with_max_queue(32));
+  REQUIRE_FALSE(s.schedule(task(1, Priority::Critical)));
+  TaskId id = 2;
+  for (int round = 0; round < 3000; ++round) {
+    for (Priority p : {Priority::Low, Priority::Normal, Priority::High}) {
+      REQUIRE_FALSE(s.schedule(task(id, p)));
+      REQUIRE(s.peek()->id == 1);
+      REQUIRE(s.cancel(id++));
+    }
+  }
+  CHECK(s.len() == 1);
+  CHECK(s.next()->id == 1);
+}
+
 TEST_CASE("taken tasks free their capacity while an old task stays queued") {
   Scheduler s(SchedulerConfig::with_max_queue(4));
   REQUIRE_FALSE(s.schedule(task(1, Priority::Low)));

@@ -5,6 +5,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <thread>
 
 #include <tgi_gtc/scheduling.hpp>
@@ -101,4 +103,39 @@ TEST_CASE("a ticket given up by a stalled producer is skipped on every later lap
     a.join();
     REQUIRE(s.next()->id == static_cast<TaskId>(1000 + round));
   }
+}
+
+TEST_CASE("a cancel that misses the cell of a task published late leaves no tombstone behind") {
+  // The producer is stalled after taking its ticket; cancel claims the task and
+  // finds no cell yet; the producer then publishes it and must clear it itself.
+  // With a peeked, never-taken head holding every ring still, a tombstone left
+  // behind would keep its bucket forever: 600 of them fill the table of a queue
+  // of one (512 buckets), and schedule() would spin. A watchdog turns that hang
+  // into a failure.
+  Scheduler s(SchedulerConfig::with_max_queue(2));
+  REQUIRE_FALSE(s.schedule(ScheduledTask(1, 10).with_priority(Priority::Critical)));
+  std::atomic<bool> done{false};
+  std::thread work([&] {
+    for (int round = 0; round < 600; ++round) {
+      const TaskId id = 100 + static_cast<TaskId>(round);
+      const auto p = static_cast<Priority>(round % 3);  // Low, Normal, High: three rings
+      Stall stall;
+      std::thread a([&] { REQUIRE_FALSE(s.schedule(ScheduledTask(id, 10).with_priority(p))); });
+      stall.wait_held();
+      REQUIRE(s.cancel(id));
+      stall.release();
+      a.join();
+      REQUIRE(s.peek()->id == 1);
+      REQUIRE(s.len() == 1);
+    }
+    done = true;
+  });
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!done && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  if (!done) {
+    // The worker is stuck inside schedule(): report and leave without joining it.
+    std::fputs("FAILED: schedule() hung: cancelled tasks' tombstones filled the table\n", stderr);
+    std::_Exit(1);
+  }
+  work.join();
 }
