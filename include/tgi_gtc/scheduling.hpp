@@ -8,3 +8,4 @@
 #include <tgi_gtc/scheduling/task.hpp>
 #include <tgi_gtc/scheduling/scheduler.hpp>
 #include <tgi_gtc/scheduling/block_pool.hpp>
+#include <tgi_gtc/scheduling/engine.hpp>
