@@ -16,16 +16,29 @@
 //   cancel        cancel(id) found nothing although schedule(id) preceded it
 //                 and id's removal began after the cancel returned.
 // Each finding names the task ids and the clock values of the calls involved.
+//
+// findings() returns the same findings with their parts kept apart (kind, the
+// calls involved, the clock value by which the violation is certain) for tools
+// that must name the first one (sched-stress), and can add checks that check()
+// leaves out:
+//   peek          peek() returned a task that was not queued at any moment of
+//                 the call, or with another priority than it was scheduled with;
+//   fifo          (for peek) peek() returned b while a task a of the same class,
+//                 scheduled before b, was queued throughout the call;
+//   payload       next/cancel/clear returned a task with another priority than
+//                 it was scheduled with.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include <tgi_gtc/scheduling/task.hpp>
@@ -63,6 +76,43 @@ struct Violation {
   std::string detail;
 };
 
+/// One call named by a Finding: what it did, to which task, and when.
+struct Call {
+  Op op;
+  TaskId id;
+  std::uint64_t start, end;
+};
+
+/// A Violation with its parts kept apart.
+struct Finding {
+  std::string kind;
+  std::string detail;
+  /// The calls involved, in the order the detail names them (fifo: schedule(a),
+  /// schedule(b), the next() that took a, the next() that took b; for a peek:
+  /// schedule(a), schedule(b), the peek that returned b).
+  std::vector<Call> calls;
+  /// The tasks involved, without repeats, in the order of `calls`.
+  std::vector<TaskId> ids;
+  /// The largest clock value among the calls: the violation is certain by then.
+  std::uint64_t at = 0;
+};
+
+struct FindingOptions {
+  /// Findings kept per kind (all are counted in Findings::counts).
+  std::size_t max_per_kind = 3;
+  /// Keep the max_per_kind findings of each kind with the smallest `at`
+  /// (sorted by it) instead of the first ones found.
+  bool earliest = false;
+  /// Add the peek, peek-fifo and payload checks.
+  bool extended = false;
+};
+
+struct Findings {
+  std::vector<Finding> items;
+  /// (kind, number found), for each kind found at least once.
+  std::vector<std::pair<std::string, std::size_t>> counts;
+};
+
 class HistoryChecker {
  public:
   explicit HistoryChecker(bool priority_mode) : priority_mode_(priority_mode) {}
@@ -74,6 +124,18 @@ class HistoryChecker {
   /// All findings, first of each kind; empty when the history is consistent.
   std::vector<Violation> check(std::size_t max_per_kind = 3) const {
     std::vector<Violation> out;
+    FindingOptions opt;
+    opt.max_per_kind = max_per_kind;
+    for (Finding& f : findings(opt).items) out.push_back({std::move(f.kind), std::move(f.detail)});
+    return out;
+  }
+
+  /// The findings of check() (and, with `extended`, of the added checks), with
+  /// the calls involved kept apart. Kinds come in the order conservation,
+  /// fifo, priority, cancel, peek, payload.
+  Findings findings(const FindingOptions& opt = {}) const {
+    static constexpr const char* kKinds[] = {"conservation", "fifo", "priority", "cancel", "peek", "payload"};
+    constexpr std::size_t kKindCount = sizeof(kKinds) / sizeof(kKinds[0]);
     struct Life {
       const Event* sched = nullptr;
       const Event* removal = nullptr;
@@ -81,14 +143,40 @@ class HistoryChecker {
     };
     std::unordered_map<TaskId, Life> life;
     life.reserve(events_.size());
-    std::size_t counts[5] = {};
-    auto report = [&](std::size_t k, const std::string& kind, const std::string& text) {
-      if (counts[k]++ < max_per_kind) out.push_back({kind, text});
+    std::vector<Finding> kept[kKindCount];
+    std::size_t counts[kKindCount] = {};
+    // The text is built only for findings that are kept.
+    auto report = [&](std::size_t k, std::initializer_list<const Event*> involved, auto&& text) {
+      ++counts[k];
+      std::uint64_t last = 0;
+      for (const Event* e : involved) last = std::max(last, e->end);
+      std::vector<Finding>& list = kept[k];
+      std::size_t slot = list.size();
+      if (list.size() >= opt.max_per_kind) {
+        if (!opt.earliest || opt.max_per_kind == 0) return;
+        slot = 0;  // replace the latest kept one if this one is earlier
+        for (std::size_t i = 1; i < list.size(); ++i) {
+          if (list[i].at > list[slot].at) slot = i;
+        }
+        if (list[slot].at <= last) return;
+      }
+      Finding f{kKinds[k], text(), {}, {}, last};
+      for (const Event* e : involved) {
+        f.calls.push_back({e->op, e->id, e->start, e->end});
+        if (std::find(f.ids.begin(), f.ids.end(), e->id) == f.ids.end()) f.ids.push_back(e->id);
+      }
+      if (slot == list.size()) {
+        list.push_back(std::move(f));
+      } else {
+        list[slot] = std::move(f);
+      }
     };
     for (const Event& e : events_) {
       if (e.op == Op::Schedule && e.ok) {
         Life& l = life[e.id];
-        if (l.sched) report(0, "conservation", "task " + std::to_string(e.id) + " accepted twice " + at(*l.sched) + " and " + at(e));
+        if (l.sched) {
+          report(0, {l.sched, &e}, [&] { return "task " + std::to_string(e.id) + " accepted twice " + at(*l.sched) + " and " + at(e); });
+        }
         l.sched = &e;
       }
     }
@@ -96,22 +184,25 @@ class HistoryChecker {
       if ((e.op == Op::Next || e.op == Op::Cancel || e.op == Op::Clear) && e.ok) {
         auto it = life.find(e.id);
         if (it == life.end() || !it->second.sched) {
-          report(0, "conservation", "task " + std::to_string(e.id) + " left by " + name(e.op) + at(e) + " but was never accepted");
+          report(0, {&e}, [&] { return "task " + std::to_string(e.id) + " left by " + name(e.op) + at(e) + " but was never accepted"; });
           continue;
         }
         Life& l = it->second;
         if (++l.removals > 1) {
-          report(0, "conservation", "task " + std::to_string(e.id) + " left twice: " + name(l.removal->op) + at(*l.removal) +
-                                        " and " + name(e.op) + at(e));
+          report(0, {l.removal, &e}, [&] {
+            return "task " + std::to_string(e.id) + " left twice: " + name(l.removal->op) + at(*l.removal) + " and " + name(e.op) + at(e);
+          });
         }
         if (!l.removal || e.start < l.removal->start) l.removal = &e;
         if (e.end < l.sched->start) {
-          report(0, "conservation", "task " + std::to_string(e.id) + " left" + at(e) + " before it was scheduled" + at(*l.sched));
+          report(0, {&e, l.sched}, [&] { return "task " + std::to_string(e.id) + " left" + at(e) + " before it was scheduled" + at(*l.sched); });
         }
       }
     }
     for (const auto& [id, l] : life) {
-      if (l.sched && l.removals == 0) report(0, "conservation", "task " + std::to_string(id) + " accepted" + at(*l.sched) + " never left");
+      if (l.sched && l.removals == 0) {
+        report(0, {l.sched}, [id = id, sched = l.sched] { return "task " + std::to_string(id) + " accepted" + at(*sched) + " never left"; });
+      }
     }
 
     // FIFO: among tasks taken by next(), per class (priority, or all in FIFO mode).
@@ -143,9 +234,11 @@ class HistoryChecker {
           ++k;
         }
         if (latest && b->take->end < latest->take->start) {
-          report(1, "fifo", "task " + std::to_string(latest->sched->id) + " scheduled" + at(*latest->sched) + " before task " +
-                                std::to_string(b->sched->id) + at(*b->sched) + " (same class) but taken" + at(*latest->take) +
-                                " after it was taken" + at(*b->take));
+          report(1, {latest->sched, b->sched, latest->take, b->take}, [&] {
+            return "task " + std::to_string(latest->sched->id) + " scheduled" + at(*latest->sched) + " before task " +
+                   std::to_string(b->sched->id) + at(*b->sched) + " (same class) but taken" + at(*latest->take) +
+                   " after it was taken" + at(*b->take);
+          });
         }
       }
     }
@@ -176,12 +269,14 @@ class HistoryChecker {
           }
           if (static_cast<std::size_t>(r->priority) >= q || !latest) continue;
           if (removal_start(latest) > r->end) {
-            report(2, "priority", name(r->op) + at(*r) + " returned task " + std::to_string(r->id) + " (" +
-                                      std::string(tgi_gtc::scheduling::to_string(r->priority)) + ") while task " +
-                                      std::to_string(latest->sched->id) + " (" +
-                                      std::string(tgi_gtc::scheduling::to_string(latest->sched->priority)) + "), scheduled" +
-                                      at(*latest->sched) + ", was queued until" +
-                                      (latest->removal ? at(*latest->removal) : std::string(" the end")));
+            report(2, {r, latest->sched}, [&] {
+              return name(r->op) + at(*r) + " returned task " + std::to_string(r->id) + " (" +
+                     std::string(tgi_gtc::scheduling::to_string(r->priority)) + ") while task " +
+                     std::to_string(latest->sched->id) + " (" +
+                     std::string(tgi_gtc::scheduling::to_string(latest->sched->priority)) + "), scheduled" +
+                     at(*latest->sched) + ", was queued until" +
+                     (latest->removal ? at(*latest->removal) : std::string(" the end"));
+            });
           }
         }
       }
@@ -195,9 +290,109 @@ class HistoryChecker {
       const Life& l = it->second;
       const std::uint64_t rs = l.removal ? l.removal->start : std::numeric_limits<std::uint64_t>::max();
       if (l.sched->end < e.start && rs > e.end) {
-        report(3, "cancel", "cancel(" + std::to_string(e.id) + ")" + at(e) + " found nothing, but the task was scheduled" +
-                                at(*l.sched) + " and left only" + (l.removal ? at(*l.removal) : std::string(" never")));
+        report(3, {&e, l.sched}, [&] {
+          return "cancel(" + std::to_string(e.id) + ")" + at(e) + " found nothing, but the task was scheduled" +
+                 at(*l.sched) + " and left only" + (l.removal ? at(*l.removal) : std::string(" never"));
+        });
       }
+    }
+
+    if (opt.extended) {
+      auto prio = [](Priority p) { return std::string(tgi_gtc::scheduling::to_string(p)); };
+      // peek: the task returned was queued at some moment of the call.
+      std::vector<std::pair<const Event*, const Life*>> peeks;  // (peek, what it returned)
+      for (const Event& e : events_) {
+        if (e.op != Op::Peek || !e.ok) continue;
+        auto it = life.find(e.id);
+        if (it == life.end() || !it->second.sched) {
+          report(4, {&e}, [&] { return "peek" + at(e) + " returned task " + std::to_string(e.id) + ", never accepted"; });
+          continue;
+        }
+        const Life& l = it->second;
+        if (e.end < l.sched->start) {
+          report(4, {&e, l.sched}, [&] {
+            return "peek" + at(e) + " returned task " + std::to_string(e.id) + " before it was scheduled" + at(*l.sched);
+          });
+        } else if (l.removal && l.removal->end < e.start) {
+          report(4, {&e, l.sched, l.removal}, [&] {
+            return "peek" + at(e) + " returned task " + std::to_string(e.id) + " after it left by " + name(l.removal->op) +
+                   at(*l.removal);
+          });
+        } else if (e.priority != l.sched->priority) {
+          report(4, {&e, l.sched}, [&] {
+            return "peek" + at(e) + " returned task " + std::to_string(e.id) + " as " + prio(e.priority) + ", scheduled" +
+                   at(*l.sched) + " as " + prio(l.sched->priority);
+          });
+        }
+        peeks.emplace_back(&e, &l);
+      }
+      // payload: removals return the priority the task was scheduled with.
+      for (const Event& e : events_) {
+        if ((e.op != Op::Next && e.op != Op::Cancel && e.op != Op::Clear) || !e.ok) continue;
+        auto it = life.find(e.id);
+        if (it == life.end() || !it->second.sched || it->second.sched->priority == e.priority) continue;
+        const Event* s = it->second.sched;
+        report(5, {&e, s}, [&] {
+          return name(e.op) + at(e) + " returned task " + std::to_string(e.id) + " as " + prio(e.priority) + ", scheduled" + at(*s) +
+                 " as " + prio(s->priority);
+        });
+      }
+      // fifo for peek: peek returned b while a, same class and scheduled
+      // before b, was queued throughout the call. Sort keys are kept inline
+      // (a sort through two pointers is cache-bound on long histories).
+      struct Task {
+        std::uint64_t sched_end;
+        std::size_t cls;
+        const Life* life;
+      };
+      struct Peek {
+        std::uint64_t b_start;
+        std::size_t cls;
+        const Event* r;
+        const Life* b;
+      };
+      auto cls_of = [&](const Life* l) { return priority_mode_ ? static_cast<std::size_t>(l->sched->priority) : std::size_t{0}; };
+      std::vector<Task> all_tasks;
+      for (const auto& [id, l] : life) {
+        if (l.sched) all_tasks.push_back({l.sched->end, cls_of(&l), &l});
+      }
+      std::vector<Peek> all_peeks;
+      for (const auto& [r, b] : peeks) all_peeks.push_back({b->sched->start, cls_of(b), r, b});
+      std::sort(all_tasks.begin(), all_tasks.end(), [](const Task& x, const Task& y) { return x.sched_end < y.sched_end; });
+      std::sort(all_peeks.begin(), all_peeks.end(), [](const Peek& x, const Peek& y) { return x.b_start < y.b_start; });
+      auto removal_start = [](const Life* l) {
+        return l->removal ? l->removal->start : std::numeric_limits<std::uint64_t>::max();
+      };
+      std::vector<std::size_t> k(classes, 0);
+      std::vector<const Life*> latest(classes, nullptr);  // per class: qualifying a whose removal began latest
+      std::vector<std::vector<const Task*>> by_class(classes);
+      for (const Task& t : all_tasks) by_class[t.cls].push_back(&t);
+      for (const Peek& p : all_peeks) {
+        const auto& tasks = by_class[p.cls];
+        std::size_t& i = k[p.cls];
+        const Life*& a = latest[p.cls];
+        while (i < tasks.size() && tasks[i]->sched_end < p.b_start) {
+          if (!a || removal_start(tasks[i]->life) > removal_start(a)) a = tasks[i]->life;
+          ++i;
+        }
+        if (a && removal_start(a) > p.r->end) {
+          report(1, {a->sched, p.b->sched, p.r}, [&] {
+            return "task " + std::to_string(a->sched->id) + " scheduled" + at(*a->sched) + " before task " +
+                   std::to_string(p.b->sched->id) + at(*p.b->sched) + " (same class) and queued until" +
+                   (a->removal ? at(*a->removal) : std::string(" the end")) + ", but peek" + at(*p.r) +
+                   " returned task " + std::to_string(p.b->sched->id);
+          });
+        }
+      }
+    }
+
+    Findings out;
+    for (std::size_t k = 0; k < kKindCount; ++k) {
+      if (opt.earliest) {
+        std::sort(kept[k].begin(), kept[k].end(), [](const Finding& x, const Finding& y) { return x.at < y.at; });
+      }
+      for (Finding& f : kept[k]) out.items.push_back(std::move(f));
+      if (counts[k]) out.counts.emplace_back(kKinds[k], counts[k]);
     }
     return out;
   }

@@ -1,0 +1,324 @@
+// sched-stress's checks, run against targets broken on purpose (a check that
+// cannot fail is a defect), against the real targets (which must pass the
+// same runs), and the history checker's structured findings on hand-made
+// histories. Links the harness library (tools/stress).
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+#include "stress.hpp"
+#include "support/history.hpp"
+#include "support/options.hpp"
+
+namespace st = tgi_gtc::stress;
+using namespace tgi_test;
+
+namespace {
+
+st::Config config(st::Target t, unsigned threads, std::uint64_t ops, std::uint64_t seed) {
+  st::Config c;
+  c.target = t;
+  c.threads = threads;
+  c.ops = ops;
+  c.seed = seed;
+  return c;
+}
+
+std::uint64_t count_of(const st::Report& r, std::string_view kind) {
+  for (const auto& [k, n] : r.violation_counts) {
+    if (k == kind) return n;
+  }
+  return 0;
+}
+
+const st::Violation* first_of(const st::Report& r, std::string_view kind) {
+  for (const auto& v : r.violations) {
+    if (v.kind == kind) return &v;
+  }
+  return nullptr;
+}
+
+std::string describe(const st::Report& r) {
+  std::ostringstream s;
+  st::print_summary(s, r);
+  return s.str();
+}
+
+}  // namespace
+
+TEST_CASE("broken-dropping: every lost task is reported by id, the first with the call that accepted it") {
+  const auto seed = tgi_test::seed();
+  MESSAGE("seed=" << seed);
+  auto c = config(st::Target::BrokenDropping, 4, 4000, seed);
+  c.drop_every = 100;
+  const auto r = st::run(c);
+  INFO(describe(r));
+  REQUIRE_FALSE(r.ok());
+  REQUIRE(r.stat("dropped_by_target") > 0);
+  CHECK(count_of(r, "conservation") == r.stat("dropped_by_target"));
+  const st::Violation& v = r.violations.front();
+  CHECK(v.kind == "conservation");
+  REQUIRE(v.ids.size() == 1);
+  CHECK(v.ids[0] % 100 == 0);
+  REQUIRE(v.calls.size() == 1);
+  CHECK(v.calls[0].op == "schedule");
+  CHECK(v.calls[0].id == v.ids[0]);
+  CHECK(v.calls[0].start < v.calls[0].end);
+  CHECK(v.at == v.calls[0].end);
+  CHECK(v.detail.find("task " + std::to_string(v.ids[0]) + " accepted") != std::string::npos);
+}
+
+namespace {
+// moodycamel reorders across producers once sub-queues build up; a backlog
+// (more schedules than nexts) makes that near certain. Retry a few seeds.
+st::Report moodycamel_until_fifo(bool fifo, std::uint64_t seed) {
+  st::Report r;
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    auto c = config(st::Target::BrokenMoodycamel, 8, 20000, seed + attempt);
+    c.fifo = fifo;
+    c.mix = st::parse_mix(c.target, "schedule=55,next=45");
+    r = st::run(c);
+    if (count_of(r, "fifo") > 0) break;
+  }
+  return r;
+}
+
+void check_fifo_evidence(const st::Violation& v) {
+  // a was scheduled before b began, and b was taken before a's take began.
+  REQUIRE(v.ids.size() == 2);
+  CHECK(v.ids[0] != v.ids[1]);
+  REQUIRE(v.calls.size() == 4);
+  CHECK(v.calls[0].op == "schedule");
+  CHECK(v.calls[1].op == "schedule");
+  CHECK(v.calls[2].op == "next");
+  CHECK(v.calls[3].op == "next");
+  CHECK(v.calls[0].id == v.ids[0]);
+  CHECK(v.calls[1].id == v.ids[1]);
+  CHECK(v.calls[2].id == v.ids[0]);
+  CHECK(v.calls[3].id == v.ids[1]);
+  CHECK(v.calls[0].end < v.calls[1].start);
+  CHECK(v.calls[3].end < v.calls[2].start);
+}
+}  // namespace
+
+TEST_CASE("broken-moodycamel: reordering across producers is reported as a fifo violation with its evidence") {
+  const auto seed = tgi_test::seed();
+  MESSAGE("seed=" << seed);
+  const auto r = moodycamel_until_fifo(true, seed);
+  INFO(describe(r));
+  REQUIRE(count_of(r, "fifo") > 0);
+  CHECK(r.violation_counts.size() == 1);  // nothing is lost or passed over: only the order is wrong
+  CHECK(r.violations.front().kind == "fifo");
+  check_fifo_evidence(r.violations.front());
+}
+
+TEST_CASE("broken-moodycamel: with priorities, reordering within a priority is reported") {
+  const auto seed = tgi_test::seed();
+  MESSAGE("seed=" << seed);
+  const auto r = moodycamel_until_fifo(false, seed);
+  INFO(describe(r));
+  REQUIRE(count_of(r, "fifo") > 0);
+  check_fifo_evidence(*first_of(r, "fifo"));
+}
+
+TEST_CASE("broken-pool: a reference dropped too many is reported with the block it hit") {
+  const auto seed = tgi_test::seed();
+  MESSAGE("seed=" << seed);
+  auto c = config(st::Target::BrokenPool, 4, 20000, seed);
+  c.drop_every = 50;
+  const auto r = st::run(c);
+  INFO(describe(r));
+  REQUIRE_FALSE(r.ok());
+  const auto& v = r.violations.front();
+  CHECK((v.kind == "owner" || v.kind == "refcount" || v.kind == "pool"));
+  if (v.kind != "pool") CHECK(v.ids.size() == 1);  // the block
+}
+
+#if TGI_STRESS_HAS_ENGINE
+TEST_CASE("broken-engine: a preemption left out of the plan is reported") {
+  const auto seed = tgi_test::seed();
+  MESSAGE("seed=" << seed);
+  auto c = config(st::Target::BrokenEngine, 4, 20000, seed);
+  c.capacity = 32;  // tight: preemptions are frequent
+  c.drop_every = 10;
+  const auto r = st::run(c);
+  INFO(describe(r));
+  REQUIRE_FALSE(r.ok());
+  CHECK(count_of(r, "lifecycle") + count_of(r, "engine") + count_of(r, "blocks") > 0);
+}
+#endif
+
+TEST_CASE("the real targets pass the runs that fail the broken ones" * doctest::test_suite("stress")) {
+  const auto seed = tgi_test::seed();
+  const std::uint64_t scale = std::max<std::uint64_t>(1, tgi_test::iterations(20000) / 20000);
+  MESSAGE("seed=" << seed << " scale=" << scale);
+  {
+    const auto r = st::run(config(st::Target::Scheduler, 4, 4000 * scale, seed));
+    INFO(describe(r));
+    CHECK(r.ok());
+    CHECK(r.stat("tasks_accepted") > 0);
+  }
+  {
+    auto c = config(st::Target::Scheduler, 8, 20000 * scale, seed);
+    c.fifo = true;
+    c.mix = st::parse_mix(c.target, "schedule=55,next=45");
+    const auto r = st::run(c);
+    INFO(describe(r));
+    CHECK(r.ok());
+  }
+  {
+    const auto r = st::run(config(st::Target::Pool, 4, 20000 * scale, seed));
+    INFO(describe(r));
+    CHECK(r.ok());
+    CHECK(r.stat("invalid_releases") == 0);
+  }
+#if TGI_STRESS_HAS_ENGINE
+  {
+    auto c = config(st::Target::Engine, 4, 20000 * scale, seed);
+    c.capacity = 32;
+    const auto r = st::run(c);
+    INFO(describe(r));
+    CHECK(r.ok());
+    CHECK(r.stat("preemptions") > 0);
+  }
+#endif
+}
+
+TEST_CASE("a run longer than one log is checked in epochs, each drained and complete") {
+  const auto seed = tgi_test::seed();
+  auto c = config(st::Target::Scheduler, 2, 4000, seed);
+  c.max_events = 256;
+  const auto r = st::run(c);
+  INFO(describe(r));
+  CHECK(r.ok());
+  CHECK(r.epochs > 4);
+  CHECK(r.total_ops == 4000);
+  CHECK(r.events_checked >= 4000);
+}
+
+TEST_CASE("parse_mix: named ops get their weight and the others 0; unknown ops and all-zero mixes are refused") {
+  const auto m = st::parse_mix(st::Target::Scheduler, "next=3,schedule=7");
+  REQUIRE(m.size() == 5);
+  CHECK(m[0] == std::pair<std::string, unsigned>{"schedule", 7});
+  CHECK(m[1] == std::pair<std::string, unsigned>{"next", 3});
+  CHECK(m[2].second == 0);
+  CHECK_THROWS_AS(st::parse_mix(st::Target::Scheduler, "allocate=1"), std::invalid_argument);
+  CHECK_THROWS_AS(st::parse_mix(st::Target::Pool, "allocate=0"), std::invalid_argument);
+  CHECK_THROWS_AS(st::parse_mix(st::Target::Pool, "allocate=x"), std::invalid_argument);
+  CHECK(st::parse_mix(st::Target::Pool, "share=2").at(1).second == 2);
+}
+
+TEST_CASE("the JSON report carries the seed, per-op rates and each violation's ids and calls") {
+  auto c = config(st::Target::BrokenDropping, 2, 2000, 42);
+  const auto r = st::run(c);
+  std::ostringstream s;
+  st::write_json(s, r);
+  const std::string j = s.str();
+  CHECK(j.find("\"seed\": 42") != std::string::npos);
+  CHECK(j.find("\"ok\": false") != std::string::npos);
+  CHECK(j.find("\"per_second\": ") != std::string::npos);
+  CHECK(j.find("{\"kind\": \"conservation\"") != std::string::npos);
+  REQUIRE_FALSE(r.violations.empty());
+  CHECK(j.find("\"ids\": [" + std::to_string(r.violations.front().ids.at(0)) + "]") != std::string::npos);
+  CHECK(j.find("\"calls\": [{\"op\": \"schedule\"") != std::string::npos);
+}
+
+// ---- the history checker's structured findings ------------------------------
+
+TEST_CASE("findings: a FIFO violation names both tasks and the four calls, certain at the last") {
+  HistoryChecker h(true);
+  h.add({{Op::Schedule, true, Priority::Normal, 1, 1, 2},
+         {Op::Schedule, true, Priority::Normal, 2, 3, 4},
+         {Op::Next, true, Priority::Normal, 2, 5, 6},
+         {Op::Next, true, Priority::Normal, 1, 7, 8}});
+  const auto f = h.findings();
+  REQUIRE(f.items.size() == 1);
+  const Finding& x = f.items[0];
+  CHECK(x.kind == "fifo");
+  CHECK(x.ids == std::vector<TaskId>{1, 2});
+  REQUIRE(x.calls.size() == 4);
+  CHECK(x.calls[0].op == Op::Schedule);
+  CHECK(x.calls[2].op == Op::Next);
+  CHECK(x.calls[2].start == 7);
+  CHECK(x.at == 8);
+  REQUIRE(f.counts.size() == 1);
+  CHECK(f.counts[0] == std::pair<std::string, std::size_t>{"fifo", 1});
+}
+
+TEST_CASE("findings: a peek of a task that had already left is flagged (extended only)") {
+  HistoryChecker h(true);
+  h.add({{Op::Schedule, true, Priority::Normal, 1, 1, 2},
+         {Op::Next, true, Priority::Normal, 1, 3, 4},
+         {Op::Peek, true, Priority::Normal, 1, 5, 6}});
+  CHECK(h.findings().items.empty());
+  FindingOptions opt;
+  opt.extended = true;
+  const auto f = h.findings(opt);
+  REQUIRE(f.items.size() == 1);
+  CHECK(f.items[0].kind == "peek");
+  CHECK(f.items[0].ids == std::vector<TaskId>{1});
+}
+
+TEST_CASE("findings: a peek that skips an older task of its class is a fifo violation (extended only)") {
+  HistoryChecker h(true);
+  h.add({{Op::Schedule, true, Priority::High, 1, 1, 2},
+         {Op::Schedule, true, Priority::High, 2, 3, 4},
+         {Op::Peek, true, Priority::High, 2, 5, 6},
+         {Op::Next, true, Priority::High, 1, 7, 8},
+         {Op::Next, true, Priority::High, 2, 9, 10}});
+  CHECK(h.findings().items.empty());
+  FindingOptions opt;
+  opt.extended = true;
+  const auto f = h.findings(opt);
+  REQUIRE(f.items.size() == 1);
+  CHECK(f.items[0].kind == "fifo");
+  CHECK(f.items[0].ids == std::vector<TaskId>{1, 2});
+  CHECK(f.items[0].at == 6);
+}
+
+TEST_CASE("findings: a removal with another priority than scheduled is a payload violation (extended only)") {
+  HistoryChecker h(false);
+  h.add({{Op::Schedule, true, Priority::Low, 1, 1, 2}, {Op::Cancel, true, Priority::High, 1, 3, 4}});
+  CHECK(h.findings().items.empty());
+  FindingOptions opt;
+  opt.extended = true;
+  const auto f = h.findings(opt);
+  REQUIRE(f.items.size() == 1);
+  CHECK(f.items[0].kind == "payload");
+}
+
+TEST_CASE("findings: earliest mode keeps the earliest findings of each kind and counts all") {
+  HistoryChecker h(true);
+  ThreadLog log;
+  for (TaskId id = 1; id <= 10; ++id) log.push_back({Op::Schedule, true, Priority::Low, id, 100 - 2 * id, 101 - 2 * id});
+  h.add(log);  // ten tasks never leave: accepted late to early
+  FindingOptions opt;
+  opt.max_per_kind = 2;
+  opt.earliest = true;
+  const auto f = h.findings(opt);
+  REQUIRE(f.items.size() == 2);
+  CHECK(f.items[0].ids == std::vector<TaskId>{10});
+  CHECK(f.items[1].ids == std::vector<TaskId>{9});
+  CHECK(f.counts.at(0) == std::pair<std::string, std::size_t>{"conservation", 10});
+}
+
+TEST_CASE("check() reports what findings() does without the extended checks") {
+  HistoryChecker h(true);
+  h.add({{Op::Schedule, true, Priority::Low, 1, 1, 2},
+         {Op::Schedule, true, Priority::High, 2, 3, 4},
+         {Op::Next, true, Priority::Low, 1, 5, 6},
+         {Op::Peek, true, Priority::Low, 1, 7, 8},
+         {Op::Schedule, true, Priority::Low, 3, 9, 10}});
+  const auto v = h.check();
+  const auto f = h.findings();
+  REQUIRE(v.size() == f.items.size());
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    CHECK(v[i].kind == f.items[i].kind);
+    CHECK(v[i].detail == f.items[i].detail);
+  }
+  CHECK(v.size() >= 3);  // priority (next), priority (peek), conservation (task 3 and task 2 never left)
+}

@@ -1,0 +1,422 @@
+// The pool run: threads allocate batches of blocks, share (retain) what they
+// hold, hand shares to other threads through mailboxes, and release them.
+//
+// Owner tags. The harness keeps its own word per block:
+//   tag[b] = group << 24 | references held by the harness
+// where a group is one try_allocate() and every share made from it. The tag
+// moves 0 -> (g,1) right after try_allocate returned b, +1 right after a
+// retain, -1 (to 0 on the last) right before a release. So tag <= the pool's
+// count at every moment, and tag == count when no call is in flight. Checks:
+//   while running  try_allocate hands out only blocks whose tag is 0 (else two
+//                  unsharing owners hold it); retain and release touch only
+//                  blocks whose tag names the caller's group; a failed
+//                  try_allocate leaves its output untouched; every block id is
+//                  in range; ref_count() is at least what the caller holds;
+//   at each pause  ref_count(b) == tag count for every block; free_blocks() ==
+//                  total - blocks held; blocks freed by release() == last
+//                  references dropped; invalid_releases() == 0;
+//   at the end     after every holder released: all counts 0, all blocks free.
+#include <array>
+#include <limits>
+#include <span>
+#include <string>
+
+#include <tgi_gtc/scheduling/block_pool.hpp>
+
+#include "driver.hpp"
+
+namespace tgi_gtc::stress::detail {
+namespace {
+
+using scheduling::BlockId;
+using scheduling::BlockPool;
+
+enum PoolOp : std::size_t { kAllocate, kShare, kRelease };
+
+constexpr std::size_t kMaxBatch = 8;
+constexpr std::size_t kHandlesPerThread = 64;
+constexpr BlockId kPoison = std::numeric_limits<BlockId>::max();
+constexpr unsigned kCountBits = 24;
+constexpr std::uint64_t kCountMask = (std::uint64_t{1} << kCountBits) - 1;
+
+std::uint64_t group_of(std::uint64_t tag) { return tag >> kCountBits; }
+std::uint64_t count_of(std::uint64_t tag) { return tag & kCountMask; }
+
+std::string at(std::uint64_t start, std::uint64_t end) {
+  return " [" + std::to_string(start) + "," + std::to_string(end) + "]";
+}
+
+/// Blocks held by one owner: an allocation or a share of one.
+struct Handle {
+  std::array<BlockId, kMaxBatch> blocks{};
+  std::uint32_t n = 0;
+  std::uint64_t group = 0;
+  std::uint64_t start = 0, end = 0;  // the call that made it
+  std::span<const BlockId> span() const { return {blocks.data(), n}; }
+};
+
+/// A BlockPool that drops one reference too many: every `every`-th release()
+/// whose first block is shared releases that block twice, taking a reference
+/// its other owner still counts on. The checks must catch it.
+class OverReleasingPool {
+ public:
+  OverReleasingPool(std::uint32_t blocks, std::uint64_t every) : pool_(blocks), every_(every) {}
+  [[nodiscard]] bool try_allocate(std::span<BlockId> out) noexcept { return pool_.try_allocate(out); }
+  void retain(std::span<const BlockId> blocks) noexcept { pool_.retain(blocks); }
+  [[nodiscard]] std::size_t release(std::span<const BlockId> blocks) noexcept {
+    std::size_t n = 0;
+    if (!blocks.empty() && pool_.ref_count(blocks[0]) >= 2 && calls_.fetch_add(1) % every_ == every_ - 1) {
+      n += pool_.release(blocks.first(1));
+    }
+    return n + pool_.release(blocks);
+  }
+  std::size_t invalid_releases() const noexcept { return pool_.invalid_releases(); }
+  std::uint32_t total_blocks() const noexcept { return pool_.total_blocks(); }
+  std::uint32_t free_blocks() const noexcept { return pool_.free_blocks(); }
+  std::uint32_t ref_count(BlockId b) const noexcept { return pool_.ref_count(b); }
+
+ private:
+  BlockPool pool_;
+  std::uint64_t every_;
+  std::atomic<std::uint64_t> calls_{0};
+};
+
+template <class Pool>
+class PoolRun {
+ public:
+  template <class... PoolArgs>
+  PoolRun(const Config& cfg, Report& r, PoolArgs... pool_args)
+      : cfg_(cfg),
+        r_(r),
+        found_(cfg.max_findings),
+        picker_(cfg.mix),
+        pool_(static_cast<std::uint32_t>(cfg.capacity), pool_args...),
+        tags_(cfg.capacity),
+        taken_at_(cfg.capacity),
+        handles_(std::size_t{cfg.threads} * kHandlesPerThread),
+        mailbox_(std::max<std::size_t>(4, 2 * std::size_t{cfg.threads})),
+        workers_(cfg.threads) {
+    for (unsigned w = 0; w < cfg.threads; ++w) {
+      Worker& me = workers_[w];
+      me.rng = thread_rng(cfg.seed, w);
+      me.counts = OpCounts(cfg.mix.size());
+      // Handles migrate between threads through the mailboxes: any thread may end up with all of them.
+      me.held.reserve(handles_.size());
+      me.spare.reserve(handles_.size());
+      for (std::size_t h = 0; h < kHandlesPerThread; ++h) me.spare.push_back(static_cast<std::uint32_t>(w * kHandlesPerThread + h));
+      me.next_group = w + 1;
+    }
+  }
+
+  void run() {
+    Progress progress(cfg_);
+    drive(
+        cfg_, r_, progress, found_, stop_, [this](unsigned w, std::uint64_t quota, LiveCount& live) { return work(w, quota, live); },
+        [this] { return pause(); });
+    std::vector<OpCounts> counts;
+    std::uint64_t handoffs = 0, held_at_end = 0;
+    for (const auto& w : workers_) {
+      counts.push_back(w.counts);
+      handoffs += w.handoffs;
+    }
+    for (std::size_t b = 0; b < tags_.size(); ++b) held_at_end += count_of(tags_[b].load()) > 0;
+    sum_ops(r_, cfg_.mix, counts);
+    release_everything();
+    check_quiescent("at the end, after every holder released");
+    r_.stats = {{"blocks", cfg_.capacity},
+                {"blocks_held_before_cleanup", held_at_end},
+                {"handoffs", handoffs},
+                {"blocks_freed", freed_total()},
+                {"invalid_releases", pool_.invalid_releases()}};
+    if (r_.epochs > 1) {
+      r_.notes.push_back("quiescent checks at " + std::to_string(r_.epochs) + " pauses, one every " + std::to_string(cfg_.max_events) +
+                         " operations per thread");
+    }
+    found_.finish(r_);
+  }
+
+ private:
+  struct alignas(64) Worker {
+    std::vector<std::uint32_t> held, spare;  // handle indices
+    std::mt19937_64 rng;
+    OpCounts counts;
+    std::uint64_t next_group = 0;
+    std::uint64_t last_refs = 0;  // last references this thread dropped (tag reached 0)
+    std::uint64_t freed = 0;      // blocks release() reported free
+    std::uint64_t handoffs = 0;
+  };
+
+  std::uint64_t freed_total() const {
+    std::uint64_t n = main_freed_;
+    for (const auto& w : workers_) n += w.freed;
+    return n;
+  }
+
+  void fail(Violation v) {
+    found_.add(std::move(v));
+    stop_.store(true);
+  }
+
+  bool allocate(Worker& me, unsigned w) {
+    const std::uint32_t h = me.spare.back();
+    Handle& hd = handles_[h];
+    const std::size_t k = 1 + me.rng() % kMaxBatch;
+    hd.blocks.fill(kPoison);
+    const std::span<BlockId> out(hd.blocks.data(), k);
+    const std::uint64_t group = me.next_group;
+    const std::uint64_t t0 = clock_.tick();
+    const bool ok = pool_.try_allocate(out);
+    const std::uint64_t t1 = clock_.tick();
+    const CallRef call{"try_allocate", group, t0, t1};
+    if (!ok) {
+      for (std::size_t i = 0; i < k; ++i) {
+        if (hd.blocks[i] != kPoison) {
+          fail(make_violation("pool", "try_allocate(" + std::to_string(k) + ")" + at(t0, t1) + " failed but wrote block " + std::to_string(hd.blocks[i]) + " to its output",
+                              {hd.blocks[i]}, {call}));
+          break;
+        }
+      }
+      return false;
+    }
+    hd.n = static_cast<std::uint32_t>(k);
+    hd.group = group;
+    hd.start = t0;
+    hd.end = t1;
+    me.next_group = (me.next_group + cfg_.threads) & ((std::uint64_t{1} << (64 - kCountBits)) - 1);
+    if (me.next_group == 0) me.next_group = w + 1;
+    for (std::size_t i = 0; i < k; ++i) {
+      const BlockId b = hd.blocks[i];
+      if (b >= tags_.size()) {
+        fail(make_violation("pool", "try_allocate(" + std::to_string(k) + ")" + at(t0, t1) + " returned block " + std::to_string(b) + ", out of range",
+                            {b}, {call}));
+        hd.n = static_cast<std::uint32_t>(i);  // keep only the valid prefix
+        break;
+      }
+      std::uint64_t expected = 0;
+      if (!tags_[b].compare_exchange_strong(expected, hd.group << kCountBits | 1)) {
+        const std::uint64_t s = taken_at_[b].start.load(std::memory_order::relaxed);  // relaxed: reporting only
+        const std::uint64_t e = taken_at_[b].end.load(std::memory_order::relaxed);    // relaxed: reporting only
+        fail(make_violation("owner",
+                            "block " + std::to_string(b) + " handed to owner " + std::to_string(hd.group) + " by try_allocate(" + std::to_string(k) + ")" +
+                                at(t0, t1) + " while owner " + std::to_string(group_of(expected)) + " (allocated" + at(s, e) + ") holds " +
+                                std::to_string(count_of(expected)) + " reference(s)",
+                            {b}, {{"try_allocate", group_of(expected), s, e}, call}));
+        continue;
+      }
+      taken_at_[b].start.store(t0, std::memory_order::relaxed);  // relaxed: reporting only
+      taken_at_[b].end.store(t1, std::memory_order::relaxed);    // relaxed: reporting only
+      if (pool_.ref_count(b) == 0) {
+        fail(make_violation("refcount", "block " + std::to_string(b) + " allocated by try_allocate" + at(t0, t1) + " has reference count 0", {b}, {call}));
+      }
+    }
+    me.spare.pop_back();
+    me.held.push_back(h);
+    return true;
+  }
+
+  bool share(Worker& me) {
+    const std::uint32_t src = me.held[me.rng() % me.held.size()];
+    const std::uint32_t dst = me.spare.back();
+    const Handle& s = handles_[src];
+    const std::uint64_t t0 = clock_.tick();
+    pool_.retain(s.span());
+    const std::uint64_t t1 = clock_.tick();
+    const CallRef call{"retain", s.group, t0, t1};
+    for (std::size_t i = 0; i < s.n; ++i) {
+      const BlockId b = s.blocks[i];
+      std::uint64_t cur = tags_[b].load();
+      for (;;) {
+        if (group_of(cur) != s.group || count_of(cur) == 0) {
+          fail(make_violation("owner",
+                              "block " + std::to_string(b) + " shared by owner " + std::to_string(s.group) + " (retain" + at(t0, t1) +
+                                  ") but its tag names owner " + std::to_string(group_of(cur)) + " with " + std::to_string(count_of(cur)) + " reference(s)",
+                              {b}, {{"acquire", s.group, s.start, s.end}, call}));
+          break;
+        }
+        if (tags_[b].compare_exchange_weak(cur, cur + 1)) break;
+      }
+      // src and the new share are both ours until we release one of them.
+      if (const auto c = pool_.ref_count(b); c < 2) {
+        fail(make_violation("refcount", "block " + std::to_string(b) + " has reference count " + std::to_string(c) + " after retain" + at(t0, t1) +
+                                            " while its owner holds two references",
+                            {b}, {call}));
+      }
+    }
+    Handle& d = handles_[dst];
+    d = s;
+    d.start = t0;
+    d.end = t1;
+    me.spare.pop_back();
+    // Half the shares go to whichever thread finds them: releases then race
+    // on the same blocks from different threads.
+    if (me.rng() & 1) {
+      std::uint32_t empty = 0;
+      // (1) release: publishes the handle's blocks and group to the acquire in (2)
+      if (mailbox_[me.rng() % mailbox_.size()].compare_exchange_strong(empty, dst + 1, std::memory_order::release, std::memory_order::relaxed)) {
+        ++me.handoffs;
+        return true;
+      }
+    }
+    me.held.push_back(dst);
+    return true;
+  }
+
+  // Drops one reference of each block of handle h (owned by the caller).
+  void release_handle(std::uint32_t h, std::uint64_t& last_refs, std::uint64_t& freed) {
+    const Handle& hd = handles_[h];
+    for (std::size_t i = 0; i < hd.n; ++i) {
+      const BlockId b = hd.blocks[i];
+      std::uint64_t cur = tags_[b].load();
+      for (;;) {
+        if (group_of(cur) != hd.group || count_of(cur) == 0) {
+          const std::uint64_t now = clock_.now();
+          fail(make_violation("owner",
+                              "owner " + std::to_string(hd.group) + " releasing block " + std::to_string(b) + " (got it" + at(hd.start, hd.end) +
+                                  ") finds its tag naming owner " + std::to_string(group_of(cur)) + " with " + std::to_string(count_of(cur)) + " reference(s)",
+                              {b}, {{"acquire", hd.group, hd.start, hd.end}, {"release", hd.group, now, now}}));
+          break;
+        }
+        const std::uint64_t next = count_of(cur) == 1 ? 0 : cur - 1;
+        if (tags_[b].compare_exchange_weak(cur, next)) {
+          last_refs += next == 0;
+          break;
+        }
+      }
+    }
+    const std::uint64_t t0 = clock_.tick();
+    const std::size_t n = pool_.release(hd.span());
+    const std::uint64_t t1 = clock_.tick();
+    freed += n;
+    if (n > hd.n) {
+      fail(make_violation("pool", "release of " + std::to_string(hd.n) + " blocks" + at(t0, t1) + " reported " + std::to_string(n) + " freed", {},
+                          {{"release", hd.group, t0, t1}}));
+    }
+  }
+
+  bool release(Worker& me) {
+    // (2) acquire: pairs with the release in (1), the handle's contents are visible
+    std::uint32_t got = mailbox_[me.rng() % mailbox_.size()].exchange(0, std::memory_order::acquire);
+    std::uint32_t h;
+    if (got != 0) {
+      h = got - 1;
+    } else if (!me.held.empty()) {
+      const std::size_t i = me.rng() % me.held.size();
+      h = me.held[i];
+      me.held[i] = me.held.back();
+      me.held.pop_back();
+    } else {
+      return false;
+    }
+    release_handle(h, me.last_refs, me.freed);
+    me.spare.push_back(h);
+    return true;
+  }
+
+  std::uint64_t work(unsigned w, std::uint64_t quota, LiveCount& live) {
+    Worker& me = workers_[w];
+    std::uint64_t done = 0;
+    // relaxed: a request to stop soon; the barrier after this epoch publishes everything else
+    while (done < quota && !stop_.load(std::memory_order::relaxed)) {
+      if (done >= cfg_.max_events) {  // time for a quiescent check
+        stop_.store(true);
+        break;
+      }
+      std::size_t op = picker_.pick(me.rng);
+      // Fall back when the op has nothing to work on.
+      if (op == kAllocate && me.spare.empty()) op = kRelease;
+      if (op == kShare && (me.held.empty() || me.spare.empty())) op = me.spare.empty() ? kRelease : kAllocate;
+      bool ok = false;
+      switch (op) {
+        case kAllocate: ok = allocate(me, w); break;
+        case kShare: ok = share(me); break;
+        default: ok = release(me); break;
+      }
+      me.counts.add(op, ok);
+      live.ops.store(++done, std::memory_order::relaxed);  // relaxed: a statistic for the progress line
+    }
+    return done;
+  }
+
+  void check_quiescent(const std::string& when) {
+    const std::uint64_t now = clock_.tick();
+    std::uint64_t held = 0;
+    for (std::size_t b = 0; b < tags_.size(); ++b) {
+      const std::uint64_t tag = tags_[b].load();
+      held += count_of(tag) > 0;
+      const std::uint32_t c = pool_.ref_count(static_cast<BlockId>(b));
+      if (c != count_of(tag)) {
+        found_.add(make_violation("refcount",
+                                  "block " + std::to_string(b) + " has reference count " + std::to_string(c) + " " + when + ", but its owner " +
+                                      std::to_string(group_of(tag)) + " holds " + std::to_string(count_of(tag)),
+                                  {b}, {{"ref_count", b, now, now}}));
+      }
+    }
+    if (pool_.free_blocks() + held != pool_.total_blocks()) {
+      found_.add(make_violation("pool",
+                                "free_blocks() " + std::to_string(pool_.free_blocks()) + " + held " + std::to_string(held) + " != total " +
+                                    std::to_string(pool_.total_blocks()) + " " + when,
+                                {}, {{"free_blocks", 0, now, now}}));
+    }
+    std::uint64_t last_refs = main_last_refs_;
+    for (const auto& w : workers_) last_refs += w.last_refs;
+    if (last_refs != freed_total()) {
+      found_.add(make_violation("pool",
+                                "release() reported " + std::to_string(freed_total()) + " blocks freed but owners dropped " + std::to_string(last_refs) +
+                                    " last references " + when,
+                                {}, {{"release", 0, now, now}}));
+    }
+    if (const auto bad = pool_.invalid_releases(); bad != 0) {
+      found_.add(make_violation("pool", "invalid_releases() is " + std::to_string(bad) + " " + when + " though the harness made no bad call", {},
+                                {{"invalid_releases", 0, now, now}}));
+    }
+  }
+
+  bool pause() {
+    check_quiescent("at a pause");
+    return !found_.any();
+  }
+
+  void release_everything() {
+    for (auto& slot : mailbox_) {
+      // (2') acquire: as (2)
+      if (const std::uint32_t got = slot.exchange(0, std::memory_order::acquire); got != 0) {
+        release_handle(got - 1, main_last_refs_, main_freed_);
+      }
+    }
+    for (auto& w : workers_) {
+      for (const std::uint32_t h : w.held) release_handle(h, main_last_refs_, main_freed_);
+      w.held.clear();
+    }
+  }
+
+  struct TakenAt {
+    std::atomic<std::uint64_t> start{0}, end{0};
+  };
+
+  const Config& cfg_;
+  Report& r_;
+  Collector found_;
+  OpPicker picker_;
+  Pool pool_;
+  tgi_test::LogicalClock clock_;
+  std::atomic<bool> stop_{false};
+  std::vector<std::atomic<std::uint64_t>> tags_;  // the owner tags (see the top)
+  std::vector<TakenAt> taken_at_;                 // the call that last allocated each block, for reports
+  std::vector<Handle> handles_;
+  std::vector<std::atomic<std::uint32_t>> mailbox_;  // handle + 1, or 0: shares on their way to another thread
+  std::vector<Worker> workers_;
+  std::uint64_t main_last_refs_ = 0, main_freed_ = 0;
+};
+
+}  // namespace
+
+void run_pool_target(const Config& cfg, Report& r) {
+  if (cfg.capacity > scheduling::kMaxBlocks) throw std::invalid_argument("capacity above kMaxBlocks");
+  if (cfg.target == Target::BrokenPool) {
+    PoolRun<OverReleasingPool>(cfg, r, cfg.drop_every).run();
+  } else {
+    PoolRun<BlockPool>(cfg, r).run();
+  }
+}
+
+}  // namespace tgi_gtc::stress::detail

@@ -1,0 +1,287 @@
+// The scheduler run: threads call schedule/next/peek/cancel/clear at random;
+// every call is stamped with the shared logical clock (support/history.hpp)
+// into the calling thread's preallocated log. While running, each returned
+// task's payload is checked against its id, len() against the capacity, and
+// cancel's result against the id asked for. When a log fills (or the run
+// ends), every thread stops at a barrier, the main thread drains the queue
+// with clear() and checks the whole epoch's history, then the logs are emptied
+// and the next epoch starts on the empty queue.
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "driver.hpp"
+#include "queues.hpp"
+
+namespace tgi_gtc::stress::detail {
+namespace {
+
+using tgi_test::Event;
+using tgi_test::HistoryChecker;
+using tgi_test::Op;
+using tgi_test::ThreadLog;
+
+enum SchedOp : std::size_t { kSchedule, kNext, kPeek, kCancel, kClear };
+
+std::string at(std::uint64_t start, std::uint64_t end) {
+  return " [" + std::to_string(start) + "," + std::to_string(end) + "]";
+}
+
+CallRef ref(const Event& e) { return {HistoryChecker::name(e.op), e.id, e.start, e.end}; }
+
+template <class Q>
+class SchedulerRun {
+ public:
+  SchedulerRun(const Config& cfg, Q& q, Report& r)
+      : cfg_(cfg), q_(q), r_(r), found_(cfg.max_findings), picker_(cfg.mix), recent_(kRecent), workers_(cfg.threads) {
+    // Room for a full log plus one clear() of a full queue: nothing is
+    // allocated while recording.
+    for (unsigned w = 0; w < cfg.threads; ++w) {
+      workers_[w].log.reserve(cfg.max_events + cfg.capacity + 1);
+      workers_[w].rng = thread_rng(cfg.seed, w);
+      workers_[w].counts = OpCounts(cfg.mix.size());
+    }
+    drain_log_.reserve(cfg.capacity + 1);
+  }
+
+  void run() {
+    Progress progress(cfg_);
+    std::atomic<bool>& stop = stop_;
+    drive(
+        cfg_, r_, progress, found_, stop, [this](unsigned w, std::uint64_t quota, LiveCount& live) { return work(w, quota, live); },
+        [this] { return pause(); });
+    std::vector<OpCounts> counts;
+    std::uint64_t full = 0;
+    std::size_t max_len = 0;
+    for (const auto& w : workers_) {
+      counts.push_back(w.counts);
+      max_len = std::max(max_len, w.max_len);
+      full += w.full;
+    }
+    sum_ops(r_, cfg_.mix, counts);
+    const std::uint64_t accepted = r_.ops[kSchedule].ok;
+    r_.events_checked = events_checked_;
+    r_.stats = {{"tasks_accepted", accepted},
+                {"queue_full", full},
+                {"max_len", max_len},
+                {"capacity", cfg_.capacity},
+                {"drained_at_pauses", drained_}};
+    if (q_.dropped()) r_.stats.emplace_back("dropped_by_target", q_.dropped());
+    if (r_.epochs > 1) {
+      r_.notes.push_back("history checked in " + std::to_string(r_.epochs) + " epochs of at most " + std::to_string(cfg_.max_events) +
+                         " events per thread; the queue is drained with clear() at each pause, so every epoch's history is complete");
+    }
+    found_.finish(r_);
+  }
+
+ private:
+  static constexpr std::size_t kRecent = 256;
+
+  struct alignas(64) Worker {
+    ThreadLog log;
+    std::mt19937_64 rng;
+    OpCounts counts;
+    std::size_t max_len = 0;
+    std::uint64_t full = 0;
+  };
+
+  ScheduledTask make_task(TaskId id) const {
+    const std::uint64_t h = mix64(id ^ cfg_.seed);
+    return ScheduledTask(id, tokens_of(id)).with_priority(static_cast<Priority>(h % 4)).preemptible((h >> 8) & 1);
+  }
+  static std::size_t tokens_of(TaskId id) { return static_cast<std::size_t>(mix64(id) % 8192) + 1; }
+
+  // A returned task must be the one scheduled under its id, bit for bit.
+  void check_payload(const ScheduledTask& t, const Event& e) {
+    const ScheduledTask want = make_task(t.id);
+    if (t == want) return;
+    found_.add(make_violation("payload",
+                              HistoryChecker::name(e.op) + at(e.start, e.end) + " returned task " + std::to_string(t.id) +
+                                  " with tokens " + std::to_string(t.estimated_tokens) + ", priority " +
+                                  std::string(scheduling::to_string(t.priority)) + ", preemptible " +
+                                  std::to_string(t.is_preemptible) + "; scheduled with " + std::to_string(want.estimated_tokens) +
+                                  ", " + std::string(scheduling::to_string(want.priority)) + ", " + std::to_string(want.is_preemptible),
+                              {t.id}, {ref(e)}));
+    stop_.store(true);
+  }
+
+  static void returned(const std::optional<ScheduledTask>& t, Event& e) {
+    if (!t) return;
+    e.ok = true;
+    e.id = t->id;
+    e.priority = t->priority;
+  }
+
+  std::uint64_t work(unsigned w, std::uint64_t quota, LiveCount& live) {
+    Worker& me = workers_[w];
+    std::uint64_t done = 0;
+    // relaxed: a request to stop soon; the barrier after this epoch publishes everything else
+    while (done < quota && !stop_.load(std::memory_order::relaxed)) {
+      const std::size_t op = picker_.pick(me.rng);
+      bool ok = false;
+      switch (op) {
+        case kSchedule: {
+          const TaskId id = q_.next_id();
+          const ScheduledTask t = make_task(id);
+          std::error_code ec;
+          tgi_test::record(clock_, me.log, Op::Schedule, [&](Event& e) {
+            e.id = id;
+            e.priority = t.priority;
+            ec = q_.schedule(w, t);
+            e.ok = !ec;
+          });
+          ok = !ec;
+          if (ec == ScheduleError::QueueFull) ++me.full;
+          if (ec && ec != ScheduleError::QueueFull) {
+            found_.add(make_violation("duplicate", "schedule(" + std::to_string(id) + ")" + at(me.log.back().start, me.log.back().end) +
+                                                        " failed with '" + ec.message() + "' for an id never scheduled before",
+                                      {id}, {ref(me.log.back())}));
+            stop_.store(true);
+          }
+          recent_[id % kRecent].store(id, std::memory_order::relaxed);  // relaxed: a hint for cancel, any value will do
+          break;
+        }
+        case kNext:
+        case kPeek: {
+          std::optional<ScheduledTask> t;
+          tgi_test::record(clock_, me.log, op == kNext ? Op::Next : Op::Peek, [&](Event& e) {
+            t = op == kNext ? q_.next(w) : q_.peek(w);
+            returned(t, e);
+          });
+          ok = t.has_value();
+          if (t) check_payload(*t, me.log.back());
+          break;
+        }
+        case kCancel: {
+          TaskId id = recent_[me.rng() % kRecent].load(std::memory_order::relaxed);  // relaxed: a hint only
+          if (id == 0) id = 1;
+          std::optional<ScheduledTask> t;
+          tgi_test::record(clock_, me.log, Op::Cancel, [&](Event& e) {
+            e.id = id;
+            t = q_.cancel(w, id);
+            returned(t, e);  // logs the id returned: conservation accounts for it
+          });
+          ok = t.has_value();
+          if (t) check_payload(*t, me.log.back());
+          if (t && t->id != id) {
+            const Event& e = me.log.back();
+            found_.add(make_violation("cancel", "cancel(" + std::to_string(id) + ")" + at(e.start, e.end) + " returned task " + std::to_string(t->id),
+                                      {id, t->id}, {ref(e)}));
+            stop_.store(true);
+          }
+          break;
+        }
+        default: {
+          const std::uint64_t t0 = clock_.tick();
+          const auto all = q_.clear();
+          const std::uint64_t t1 = clock_.tick();
+          for (const auto& t : all) {
+            me.log.push_back({Op::Clear, true, t.priority, t.id, t0, t1});
+            check_payload(t, me.log.back());
+          }
+          ok = !all.empty();
+          break;
+        }
+      }
+      me.counts.add(op, ok);
+      const std::size_t n = q_.len();
+      if (n > cfg_.capacity) {
+        const std::uint64_t now = clock_.now();
+        found_.add(make_violation("len", "len() returned " + std::to_string(n) + " > capacity " + std::to_string(cfg_.capacity) + " at" + at(now, now),
+                                  {}, {{"len", 0, now, now}}));
+        stop_.store(true);
+      }
+      me.max_len = std::max(me.max_len, n);
+      live.ops.store(++done, std::memory_order::relaxed);  // relaxed: a statistic for the progress line
+      if (me.log.size() >= cfg_.max_events) stop_.store(true);
+    }
+    return done;
+  }
+
+  // Every worker is parked: drain, check the epoch's history, start afresh.
+  bool pause() {
+    drain_log_.clear();
+    const std::uint64_t t0 = clock_.tick();
+    const auto all = q_.clear();
+    const std::uint64_t t1 = clock_.tick();
+    for (const auto& t : all) {
+      drain_log_.push_back({Op::Clear, true, t.priority, t.id, t0, t1});
+      check_payload(t, drain_log_.back());
+    }
+    drained_ += all.size();
+    if (const std::size_t left = q_.len(); left != 0) {
+      found_.add(make_violation("len", "len() is " + std::to_string(left) + " after clear()" + at(t0, t1) + " emptied the queue", {},
+                                {{"clear", 0, t0, t1}}));
+    }
+    HistoryChecker checker(!cfg_.fifo);
+    for (const auto& w : workers_) checker.add(w.log);
+    checker.add(drain_log_);
+    events_checked_ += checker.size();
+    tgi_test::FindingOptions opt;
+    opt.max_per_kind = cfg_.max_findings;
+    opt.earliest = true;
+    opt.extended = true;
+    auto findings = checker.findings(opt);
+    for (auto& f : findings.items) {
+      Violation v{std::move(f.kind), std::move(f.detail), {f.ids.begin(), f.ids.end()}, {}, f.at};
+      for (const auto& c : f.calls) v.calls.push_back({HistoryChecker::name(c.op), c.id, c.start, c.end});
+      found_.add(std::move(v), false);
+    }
+    for (const auto& [kind, n] : findings.counts) found_.add_count(kind, n);
+    for (auto& w : workers_) w.log.clear();  // keeps the capacity
+    return !found_.any();
+  }
+
+  const Config& cfg_;
+  Q& q_;
+  Report& r_;
+  Collector found_;
+  OpPicker picker_;
+  tgi_test::LogicalClock clock_;
+  std::atomic<bool> stop_{false};
+  std::vector<std::atomic<TaskId>> recent_;  // recently scheduled ids, for cancel to aim at
+  std::vector<Worker> workers_;
+  ThreadLog drain_log_;
+  std::uint64_t drained_ = 0;
+  std::uint64_t events_checked_ = 0;
+};
+
+}  // namespace
+
+void run_scheduler_target(const Config& cfg_in, Report& r) {
+  Config cfg = cfg_in;
+  if (cfg.target == Target::BrokenMoodycamel) {
+    for (auto& [name, weight] : cfg.mix) {
+      if ((name == "peek" || name == "cancel") && weight > 0) {
+        r.notes.push_back("broken-moodycamel has no " + name + ": its weight " + std::to_string(weight) + " is set to 0");
+        weight = 0;
+      }
+    }
+    bool any = false;
+    for (const auto& m : cfg.mix) any = any || m.second > 0;
+    if (!any) throw std::invalid_argument("the mix gives every op broken-moodycamel supports weight 0");
+  }
+  if (cfg.capacity > scheduling::kMaxQueueSize) throw std::invalid_argument("capacity above kMaxQueueSize");
+  r.config = cfg;
+  const bool priority_mode = !cfg.fifo;
+  switch (cfg.target) {
+    case Target::BrokenMoodycamel: {
+      MoodycamelQueue q(cfg.capacity, priority_mode, cfg.threads);
+      SchedulerRun<MoodycamelQueue>(cfg, q, r).run();
+      break;
+    }
+    case Target::BrokenDropping: {
+      DroppingQueue q(cfg.capacity, priority_mode, cfg.drop_every);
+      SchedulerRun<DroppingQueue>(cfg, q, r).run();
+      break;
+    }
+    default: {
+      RealScheduler q(cfg.capacity, priority_mode);
+      SchedulerRun<RealScheduler>(cfg, q, r).run();
+      break;
+    }
+  }
+  r.config.progress_stream = nullptr;
+}
+
+}  // namespace tgi_gtc::stress::detail
