@@ -302,7 +302,7 @@ SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bo
       // lap (empty, or a taken task's stale entry). Its producer is in flight
       // or gave the ticket up. Give it a moment, then invalidate the ticket
       // rather than wait for it.
-      for (int i = 0; i < 64 && cell.load() == w; ++i) cpu_relax();
+      for (int i = 0; i < 16 && cell.load() == w; ++i) cpu_relax();
       if (cell.compare_exchange_strong(w, empty_cell(r + 1))) ring.head.compare_exchange_strong(h, h + 1);
       continue;
     }
@@ -343,13 +343,26 @@ std::optional<ScheduledTask> SchedulerCore::take(bool remove) noexcept {
   for (;;) {
     std::uint64_t seen[kPriorityCount];
     std::size_t seen_count = 0;
-    // The rings above the one being read must still show the tails at which
-    // they were found empty: then they held no task at that moment.
+    // The rings above the one being read (found empty by the scan) must all
+    // be empty at one instant while the candidate is still queued. A double
+    // collect gives that instant: each ring empty at its first read (head >=
+    // tail) with its tail unchanged at the second read stayed empty between
+    // them, so all were empty between the last first read and the first
+    // second read. The window is a few loads wide, so a stream of schedules
+    // to other rings rarely forces a retry; a ring that has a task now sends
+    // the caller back to the top of the scan.
     auto validate = [&]() noexcept {
-      for (std::size_t j = 0; j < seen_count; ++j) {
-        if (rings_[j].tail.load() != seen[j]) return false;
+      std::uint64_t snap[kPriorityCount];
+      for (;;) {
+        for (std::size_t j = 0; j < seen_count; ++j) {
+          const std::uint64_t h = rings_[j].head.load();
+          snap[j] = rings_[j].tail.load();
+          if (h < snap[j]) return false;
+        }
+        bool stable = true;
+        for (std::size_t j = 0; j < seen_count && stable; ++j) stable = rings_[j].tail.load() == snap[j];
+        if (stable) return true;
       }
-      return true;
     };
     bool retry = false;
     for (std::size_t i = 0; i < ring_count_ && !retry; ++i) {
@@ -359,8 +372,7 @@ std::optional<ScheduledTask> SchedulerCore::take(bool remove) noexcept {
         case Take::kEmpty: ++seen_count; break;
       }
     }
-    // Empty: each ring was empty when its tail was read and, if the tails are
-    // unchanged now, still is, so all were empty at the last ring's read.
+    // Empty: all rings empty at one instant (the double collect).
     if (!retry && validate()) return std::nullopt;
   }
 }
