@@ -116,8 +116,9 @@
 //   cancel     the claim CAS (found), or the last probe (not found).
 //   QueueFull  the count read; count_ includes schedules in flight.
 // Ring, cell and state operations are seq_cst so that these points fall in one
-// total order (on x86-64 that costs nothing over acquire/release for loads and
-// RMWs); the weaker ones are commented where they occur.
+// total order (on x86-64 only the ticket store costs more than acquire/release
+// would: it must be ordered before the post-publish re-check, see I8); the
+// weaker ones are commented where they occur.
 #pragma once
 
 #include <atomic>
