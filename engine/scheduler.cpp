@@ -341,26 +341,43 @@ SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bo
 std::optional<ScheduledTask> SchedulerCore::take(bool remove) noexcept {
   std::optional<ScheduledTask> out;
   for (;;) {
-    std::uint64_t seen[kPriorityCount];
+    std::uint64_t seen[kPriorityCount];  // take_from's empty tails (unused beyond it)
     std::size_t seen_count = 0;
     // The rings above the one being read (found empty by the scan) must all
-    // be empty at one instant while the candidate is still queued. A double
-    // collect gives that instant: each ring empty at its first read (head >=
-    // tail) with its tail unchanged at the second read stayed empty between
-    // them, so all were empty between the last first read and the first
-    // second read. The window is a few loads wide, so a stream of schedules
-    // to other rings rarely forces a retry; a ring that has a task now sends
-    // the caller back to the top of the scan.
+    // hold no published task at one instant while the candidate is still
+    // queued. A double collect gives that instant. First pass: each ring's
+    // tickets [head, tail) are at most kWindow and none is published (its
+    // cell still shows an earlier lap: the producer is in flight). Second
+    // pass: each tail and each of those cell words unchanged. Cell words never
+    // repeat (I2), so no ticket was published in between, and no ticket was
+    // added: every ring held no task between the two passes. A ring with a
+    // published task now sends the caller back to the top of the scan; one
+    // with only unpublished tickets does not, so producers in flight do not
+    // make consumers retry.
     auto validate = [&]() noexcept {
-      std::uint64_t snap[kPriorityCount];
+      constexpr std::uint64_t kWindow = 8;
+      std::uint64_t tails[kPriorityCount], heads[kPriorityCount], words[kPriorityCount][kWindow];
       for (;;) {
         for (std::size_t j = 0; j < seen_count; ++j) {
-          const std::uint64_t h = rings_[j].head.load();
-          snap[j] = rings_[j].tail.load();
-          if (h < snap[j]) return false;
+          Ring& g = rings_[j];
+          heads[j] = g.head.load();
+          tails[j] = g.tail.load();
+          if (heads[j] >= tails[j]) continue;
+          if (tails[j] - heads[j] > kWindow) return false;
+          for (std::uint64_t x = heads[j]; x < tails[j]; ++x) {
+            const std::uint64_t w = g.cells[x & g.mask].load();
+            if (cell_occ(w) && round_diff(cell_round(w), x >> g.shift) == 0) return false;
+            words[j][x - heads[j]] = w;
+          }
         }
         bool stable = true;
-        for (std::size_t j = 0; j < seen_count && stable; ++j) stable = rings_[j].tail.load() == snap[j];
+        for (std::size_t j = 0; j < seen_count && stable; ++j) {
+          Ring& g = rings_[j];
+          stable = g.tail.load() == tails[j];
+          for (std::uint64_t x = heads[j]; x < tails[j] && stable; ++x) {
+            stable = g.cells[x & g.mask].load() == words[j][x - heads[j]];
+          }
+        }
         if (stable) return true;
       }
     };

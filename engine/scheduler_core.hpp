@@ -110,9 +110,10 @@
 //   schedule   the publish CAS; or, if a cancel() claims the task before it
 //              is published, just before that claim.
 //   next/peek  an instant inside a double collect of the higher-priority
-//              rings (all empty at the first pass, tails unchanged at the
-//              second), while the candidate, read before the collect, was still
-//              QUEUED (the claim CAS after it, or peek's re-read, proves it).
+//              rings (no published task among their at most 8 open tickets at
+//              the first pass; tails and those cells unchanged at the second),
+//              while the candidate, read before the collect, was still QUEUED
+//              (the claim CAS after it, or peek's re-read, proves it).
 //   cancel     the claim CAS (found), or the last probe (not found).
 //   QueueFull  the count read; count_ includes schedules in flight.
 // Ring, cell and state operations are seq_cst so that these points fall in one
