@@ -280,15 +280,12 @@ bool SchedulerCore::reclaim_cell(std::atomic<std::uint64_t>& cell, std::uint64_t
 
 template <class Validate>
 SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bool remove, Validate&& validate,
-                                             std::optional<ScheduledTask>& out, std::uint64_t& empty_tail) noexcept {
+                                             std::optional<ScheduledTask>& out) noexcept {
   for (;;) {
     std::uint64_t h = ring.head.load();
     const std::uint64_t t = ring.tail.load();
     // head <= tail always, so h >= t means head == tail when t was read (I1).
-    if (h >= t || h >= limit) {
-      empty_tail = t;
-      return Take::kEmpty;
-    }
+    if (h >= t || h >= limit) return Take::kEmpty;
     const std::uint64_t r = h >> ring.shift;
     std::atomic<std::uint64_t>& cell = ring.cells[h & ring.mask];
     std::uint64_t w = cell.load();
@@ -341,8 +338,7 @@ SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bo
 std::optional<ScheduledTask> SchedulerCore::take(bool remove) noexcept {
   std::optional<ScheduledTask> out;
   for (;;) {
-    std::uint64_t seen[kPriorityCount];  // take_from's empty tails (unused beyond it)
-    std::size_t seen_count = 0;
+    std::size_t seen_count = 0;  // rings found empty so far, from the top
     // The rings above the one being read (found empty by the scan) must all
     // hold no published task at one instant while the candidate is still
     // queued. A double collect gives that instant. First pass: each ring's
@@ -383,7 +379,7 @@ std::optional<ScheduledTask> SchedulerCore::take(bool remove) noexcept {
     };
     bool retry = false;
     for (std::size_t i = 0; i < ring_count_ && !retry; ++i) {
-      switch (take_from(rings_[i], UINT64_MAX, remove, validate, out, seen[seen_count])) {
+      switch (take_from(rings_[i], UINT64_MAX, remove, validate, out)) {
         case Take::kGot: return out;
         case Take::kRetry: retry = true; break;
         case Take::kEmpty: ++seen_count; break;
@@ -403,8 +399,7 @@ std::vector<ScheduledTask> SchedulerCore::clear() {
   auto no_check = []() noexcept { return true; };
   for (std::size_t i = 0; i < ring_count_; ++i) {
     std::optional<ScheduledTask> got;
-    std::uint64_t unused = 0;
-    while (take_from(rings_[i], limit[i], true, no_check, got, unused) == Take::kGot) out.push_back(*got);
+    while (take_from(rings_[i], limit[i], true, no_check, got) == Take::kGot) out.push_back(*got);
   }
   return out;
 }

@@ -183,10 +183,9 @@ class SchedulerCore {
   void publish(Ring& ring, std::uint32_t b, std::uint64_t state) noexcept;
   /// One attempt to take (or, with remove == false, read) the first task of
   /// `ring` among tickets below `limit`. `validate` re-checks the rings above.
-  /// On kEmpty, `empty_tail` is the tail at which the ring was seen empty.
   template <class Validate>
   Take take_from(Ring& ring, std::uint64_t limit, bool remove, Validate&& validate,
-                 std::optional<ScheduledTask>& out, std::uint64_t& empty_tail) noexcept;
+                 std::optional<ScheduledTask>& out) noexcept;
   /// Replaces cell word `w`, which holds a CANCELLED bucket, by `with`; the
   /// winner of the CAS frees the bucket. Returns whether it won.
   bool reclaim_cell(std::atomic<std::uint64_t>& cell, std::uint64_t w, std::uint64_t with) noexcept;
