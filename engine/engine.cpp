@@ -234,6 +234,10 @@ class EngineCore {
     if (s == ActiveIndex::kNone) return false;
     const std::uint64_t stamp = slots_[s].stamp_of(id);
     if (stamp == 0) return false;  // it left after the index lookup
+    // S3: if the loop is taking it out of waiting_ right now, learn whether it
+    // did. If the take failed (another cancel removed it first), the task
+    // never ran and is gone; if it ran and left since, it is gone too.
+    if (!slots_[s].ran(stamp)) return false;
     // False from post_cancel: it left (finished or cancelled) after we saw it
     // running; the cancel is then moot, and was still made while it ran.
     if (slots_[s].post_cancel(stamp)) {
@@ -744,6 +748,7 @@ class EngineCore {
     slots_[s].occupy(w.id, stamp);
     index_.insert(w.id, s);
     std::optional<ScheduledTask> taken = waiting_.cancel(w.id);
+    slots_[s].taken(stamp, taken.has_value());  // S3
     if (!taken) {
       index_.erase(w.id);
       slots_[s].vacate();

@@ -6,7 +6,9 @@
 //   ActiveIndex   TaskId -> slot for the running and paused tasks.
 //
 // Both have one writer (the serving loop) and any number of readers, and
-// readers never wait for the writer. A producer's cancel(id) reads the index
+// readers never wait for the writer, but for one window: a cancel of the very
+// task the loop is taking out of the waiting queue waits for that take's
+// outcome (S3). A producer's cancel(id) reads the index
 // to find the slot, checks the slot still holds `id` (which also yields the
 // occupant's stamp), and posts the stamp to the slot; step() acts on posted
 // stamps that match the slot's occupant. Stamps are unique for the engine's
@@ -19,18 +21,29 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <thread>
 
 #include <tgi_gtc/scheduling/task.hpp>
 
 namespace tgi_gtc::scheduling::detail {
 
 // ---------------------------------------------------------------------------
+inline void cpu_pause() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
 // TaskSlot: the shared part of one running/paused task record.
 //
-//   { id: u64 | stamp: u64 | cancel: u64 | pad }   32 bytes
+//   { id: u64 | stamp: u64 | cancel: u64 | taking: u64 }   32 bytes
 //
 //   transition                       thread     how
-//   vacant(stamp 0) -> occupied(s)   loop       id.store, then stamp.store(s)  (both release)
+//   vacant(stamp 0) -> occupied(s)   loop       id.store, taking = s, then stamp.store(s)  (release)
+//   taking s        -> 0             loop       its take out of waiting_ succeeded (release)
+//   taking s        -> s | failed    loop       the take failed, before stamp.store(0) (release)
 //   occupied(s)     -> vacant        loop       stamp.store(0) (release)
 //   cancel c        -> s             producer   CAS, only while stamp == s (checked just before)
 //
@@ -43,20 +56,51 @@ namespace tgi_gtc::scheduling::detail {
 //   S2 `cancel` holds the stamp of the last occupant some producer asked to
 //      cancel (or 0); the loop compares it with the occupant's stamp, so stale
 //      posts are inert and need no clearing.
+//   S3 `taking` == s while the loop has registered occupant s but not yet
+//      learned whether its take out of waiting_ succeeded. A producer's cancel
+//      waits that out and posts only to an occupant that ran (ran()): if
+//      another cancel removed the task from waiting_ first, the take fails,
+//      and a post would report as live a task that was already cancelled.
 struct TaskSlot {
   std::atomic<std::uint64_t> id{0};
   std::atomic<std::uint64_t> stamp{0};
   std::atomic<std::uint64_t> cancel{0};
-  std::uint64_t pad_ = 0;
+  std::atomic<std::uint64_t> taking{0};
 
-  /// Loop: publishes a new occupant.
+  /// `taking` of an occupant whose take out of waiting_ failed.
+  static constexpr std::uint64_t kTakeFailed = std::uint64_t{1} << 63;
+
+  /// Loop: publishes a new occupant, whose take out of waiting_ is pending.
   void occupy(TaskId task, std::uint64_t s) noexcept {
-    id.store(task, std::memory_order::release);  // (T1) read by (T3) after (T2)
-    stamp.store(s, std::memory_order::release);  // (T2) pairs with (T3): publishes (T1)
+    id.store(task, std::memory_order::release);      // (T1) read by (T3) after (T2)
+    taking.store(s, std::memory_order::release);     // (K1) pairs with (K3): a reader of it sees the vacate before
+    stamp.store(s, std::memory_order::release);      // (T2) pairs with (T3): publishes (T1) and (K1)
+  }
+  /// Loop: the take out of waiting_ succeeded (it runs) or failed; on
+  /// failure call this before vacate().
+  void taken(std::uint64_t s, bool ok) noexcept {
+    taking.store(ok ? 0 : s | kTakeFailed, std::memory_order::release);  // (K2) pairs with (K3)
   }
   /// Loop: the occupant left.
   void vacate() noexcept {
-    stamp.store(0, std::memory_order::release);  // (T2') pairs with (T3)/(T4): ends the occupancy
+    stamp.store(0, std::memory_order::release);  // (T2') pairs with (T3)/(T4)/(K4): ends the occupancy
+  }
+  /// Any thread: whether occupant `s` (a stamp from stamp_of) was taken out
+  /// of waiting_ and is still here. Waits while the loop is taking it (S3): a
+  /// few instructions of the loop, unless the loop stalls right there.
+  bool ran(std::uint64_t s) const noexcept {
+    std::uint64_t t = 0;
+    for (unsigned spins = 0; (t = taking.load(std::memory_order::acquire)) == s; ++spins) {  // (K3) pairs with (K1)/(K2)
+      if (spins < 64) {
+        cpu_pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    if (t == (s | kTakeFailed)) return false;
+    // t is 0 from s's own take, or a later occupant's word; in that case its
+    // occupy (K1) follows s's vacate, so (K4) sees the slot left.
+    return stamp.load(std::memory_order::acquire) == s;  // (K4) ordered after (K3)
   }
   /// Any thread: the stamp of the occupant if it is `task`, else 0.
   std::uint64_t stamp_of(TaskId task) const noexcept {

@@ -1782,6 +1782,70 @@ TEST_SUITE("stress") {
     CHECK(st.host_free_blocks == c.host_blocks);
   }
 
+  // step() registers a task in the index before it takes it out of the
+  // waiting queue (E2). If a producer's cancel removes the task first, the
+  // take fails and the loop undoes the registration; a second cancel that
+  // comes in between must not post to that registration and report a task it
+  // already cancelled as still there.
+  TEST_CASE("a second cancel of a task cancelled while step() was taking it returns false") {
+    const std::uint64_t seed = tgi_test::seed();
+    const std::uint64_t iters = tgi_test::iterations(20000);
+    MESSAGE("seed = " << seed << ", tasks per producer = " << iters);
+    constexpr int kProducers = 2;
+    EngineConfig c;
+    c.device_blocks = 64;
+    c.block_size = 4;
+    c.max_running = 8;
+    c.scheduler.max_queue_size = 64;
+    Engine e(c);
+    std::atomic<TaskId> ids{1};
+    std::atomic<int> producers_done{0};
+    std::atomic<bool> stop{false};
+    std::vector<std::vector<TaskId>> twice(kProducers);  // both cancels returned true
+    std::vector<std::uint64_t> first_true(kProducers, 0);
+    std::vector<std::thread> producers;
+    Joiner joiner(producers, stop);
+    for (int t = 0; t < kProducers; ++t) {
+      producers.emplace_back([&, t] {
+        std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ULL + static_cast<std::uint64_t>(t));
+        for (std::uint64_t i = 0; i < iters && !stop.load(); ++i) {
+          const TaskId id = ids.fetch_add(1);
+          if (e.submit(task(id, 1 + rng() % 8))) continue;
+          // Sweep the moment of the first cancel across the loop's take.
+          for (std::uint64_t k = rng() % 256; k != 0; --k) std::atomic_signal_fence(std::memory_order::seq_cst);
+          const bool first = e.cancel(id);
+          const bool second = e.cancel(id);
+          first_true[static_cast<std::size_t>(t)] += first;
+          if (first && second) twice[static_cast<std::size_t>(t)].push_back(id);
+        }
+        producers_done.fetch_add(1);
+      });
+    }
+    std::set<TaskId> admitted;
+    std::uint64_t steps = 0;
+    while (producers_done.load() < kProducers) {
+      const StepPlan& p = e.step();
+      ++steps;
+      for (const Admission& a : p.admitted) admitted.insert(a.task.id);
+    }
+    joiner.join();
+    (void)e.step();
+    // Both true is right only for a task that was running (a cancel marks a
+    // running task; it stays running until the next step). A task never
+    // admitted was waiting: the first cancel removed it.
+    std::size_t wrong = 0;
+    for (const auto& v : twice) {
+      for (TaskId id : v) wrong += admitted.count(id) == 0;
+    }
+    MESSAGE("steps " << steps << ", admitted " << admitted.size() << ", first cancels true "
+                     << first_true[0] + first_true[1]);
+    CHECK(wrong == 0);
+    const EngineStats st = e.stats();
+    CHECK(st.waiting == 0);
+    CHECK(st.running == 0);
+    CHECK(st.device_free_blocks == c.device_blocks);
+  }
+
   TEST_CASE("a cancel from another thread always finds a live task, in FIFO mode with growth preemption") {
     cancel_always_finds(false);
   }

@@ -12,9 +12,11 @@
 //   serving loop only   step, append_tokens, finish, block_table
 // The serving loop is the thread that calls step(); the loop-only calls must
 // come from it (or be otherwise serialized with it). Producers never take a
-// lock and never wait for the loop: submit and cancel are lock-free (see
-// docs/engine.md, "Guarantees"), and a cancel of a running or paused task
-// made on another thread is carried out by the next step().
+// lock: submit and cancel are lock-free (see docs/engine.md, "Guarantees"),
+// with two narrow waits: a cancel of the very task step() is taking out of
+// the waiting queue at that moment waits for that take, and a submit waits
+// while another submit of the same id is in flight. A cancel of a running or
+// paused task made on another thread is carried out by the next step().
 //
 // Task lifecycle
 //   submit -> waiting --step--> running --finish--> finished
@@ -143,8 +145,8 @@ class Engine {
   /// or paused; ScheduleError::QueueFull when the waiting queue is full. On
   /// failure nothing changes. Any thread, concurrently with anything; two
   /// concurrent submits of one id: at most one succeeds (the other may report
-  /// DuplicateId even if the first then fails with QueueFull). Lock-free, no
-  /// allocation.
+  /// DuplicateId even if the first then fails with QueueFull; the second
+  /// waits while the first is in flight). Lock-free otherwise, no allocation.
   [[nodiscard]] std::error_code submit(const ScheduledTask& task) noexcept;
 
   /// Cancels a waiting, running or paused task and frees every block it holds;
@@ -153,7 +155,10 @@ class Engine {
   /// at once. On another thread a waiting task is removed at once, and a
   /// running or paused one is marked: true is returned and its blocks are
   /// freed by the next step() (if the loop finishes it first, it simply
-  /// finishes). Lock-free, no allocation.
+  /// finishes). Lock-free, no allocation; a cancel of the task step() is
+  /// taking out of the waiting queue at that moment waits for that take (a
+  /// few instructions of the loop), so it never reports a task that another
+  /// cancel had already removed.
   bool cancel(TaskId id) noexcept;
 
   /// Plans one iteration: carries out cancels from other threads, gives
