@@ -12,12 +12,17 @@ namespace tgi_gtc::scheduling {
 namespace detail {
 
 #ifdef TGI_GTC_TEST_HOOKS
-// Test builds only (tests/races): called between taking a ticket and
-// publishing, so a test can stall a producer exactly there.
+// Test builds only (tests/races): called just before taking a ring ticket
+// (the task is QUEUED) and between taking it and publishing, so a test can
+// stall a producer exactly there.
+void (*g_before_ticket_hook)(std::uint64_t unused) = nullptr;
 void (*g_after_ticket_hook)(std::uint64_t ticket) = nullptr;
+#define TGI_GTC_BEFORE_TICKET() \
+  if (g_before_ticket_hook) g_before_ticket_hook(0)
 #define TGI_GTC_AFTER_TICKET(t) \
   if (g_after_ticket_hook) g_after_ticket_hook(t)
 #else
+#define TGI_GTC_BEFORE_TICKET()
 #define TGI_GTC_AFTER_TICKET(t)
 #endif
 
@@ -184,7 +189,15 @@ std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
       // synchronizes with the release store that published the id.
       const TaskId other = table_[b].id.load(std::memory_order::relaxed);
       if (other == task.id && table_[b].state.load() == s) {
-        duplicate = true;
+        // Our id is queued. It is a duplicate once published; before that its
+        // schedule() has not taken effect for next() (which passes over
+        // unpublished tickets), so DuplicateId now would claim a task that a
+        // later next() may not see. Wait for its producer, as for FILLING.
+        if (is_published(static_cast<std::uint32_t>(b), s)) {
+          duplicate = true;
+        } else {
+          contended = true;
+        }
         break;
       }
     }
@@ -192,13 +205,28 @@ std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
     free_bucket(static_cast<std::uint32_t>(mine), state);
     if (duplicate) return UINT32_MAX;
     // Another schedule() whose id shares our 20-bit fingerprint is between its
-    // claim and its verdict (normally: the same id scheduled twice at once).
+    // claim and its verdict, or has our id and is not yet published (normally:
+    // the same id scheduled twice at once).
     for (unsigned i = 0; i < backoff; ++i) cpu_relax();
   }
 }
 
 std::size_t SchedulerCore::ring_of(Priority p) const noexcept {
   return ring_count_ == 1 ? 0 : kPriorityCount - 1 - value(p);
+}
+
+bool SchedulerCore::is_published(std::uint32_t b, std::uint64_t state) const noexcept {
+  const Ring& ring = rings_[ring_of(static_cast<Priority>((state >> kPrioShift) & 3))];
+  const std::uint64_t t = table_[b].ticket.load();
+  // The cell holds bucket b at ticket t. An earlier occupant's publish there
+  // would have been cleared before its bucket was freed (cancelled) or passed
+  // by head (taken, I3), and cell words never repeat (I2): with head not past
+  // t afterwards, it is the current occupant's, published while QUEUED if the
+  // state is still the same word (generations never repeat). A stale ticket
+  // read answers no, which only makes the caller wait and look again.
+  if (ring.cells[t & ring.mask].load() != occ_cell(t >> ring.shift, b)) return false;
+  if (ring.head.load() > t) return false;
+  return table_[b].state.load() == state;
 }
 
 std::error_code SchedulerCore::schedule(const ScheduledTask& task) noexcept {
@@ -226,6 +254,7 @@ void SchedulerCore::publish(Ring& ring, std::uint32_t b, std::uint64_t queued) n
       free_bucket(b, cancelled);
       return;
     }
+    TGI_GTC_BEFORE_TICKET();
     const std::uint64_t t = ring.tail.fetch_add(1);
     bucket.ticket.store(t);
     TGI_GTC_AFTER_TICKET(t);
@@ -278,6 +307,15 @@ bool SchedulerCore::reclaim_cell(std::atomic<std::uint64_t>& cell, std::uint64_t
 // next / peek / clear
 // ---------------------------------------------------------------------------
 
+bool SchedulerCore::only_unpublished(const Ring& ring, std::uint64_t from, std::uint64_t to) noexcept {
+  if (to - from > kOpenWindow) return false;
+  for (std::uint64_t x = from; x < to; ++x) {
+    const std::uint64_t w = ring.cells[x & ring.mask].load();
+    if (cell_occ(w) && round_diff(cell_round(w), x >> ring.shift) == 0) return false;
+  }
+  return true;
+}
+
 template <class Validate>
 SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bool remove, Validate&& validate,
                                              std::optional<ScheduledTask>& out) noexcept {
@@ -297,8 +335,13 @@ SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bo
     if (age < 0 || !cell_occ(w)) {
       // Ticket h was taken but not published: the cell still shows an earlier
       // lap (empty, or a taken task's stale entry). Its producer is in flight
-      // or gave the ticket up. Give it a moment, then invalidate the ticket
-      // rather than wait for it.
+      // or gave the ticket up. If no later open ticket is published either
+      // (and at most kOpenWindow are open), the ring holds nothing to take
+      // now: report it empty and leave the producer its ticket (the caller's
+      // double collect proves the instant, see take()). Otherwise (a published
+      // task waits behind this ticket, or too many are open to check), give
+      // its producer a moment, then invalidate the ticket rather than wait.
+      if (only_unpublished(ring, h, t < limit ? t : limit)) return Take::kEmpty;
       for (int i = 0; i < 16 && cell.load() == w; ++i) cpu_relax();
       if (cell.compare_exchange_strong(w, empty_cell(r + 1))) ring.head.compare_exchange_strong(h, h + 1);
       continue;
@@ -342,7 +385,7 @@ std::optional<ScheduledTask> SchedulerCore::take(bool remove) noexcept {
     // The rings above the one being read (found empty by the scan) must all
     // hold no published task at one instant while the candidate is still
     // queued. A double collect gives that instant. First pass: each ring's
-    // tickets [head, tail) are at most kWindow and none is published (its
+    // tickets [head, tail) are at most kOpenWindow and none is published (its
     // cell still shows an earlier lap: the producer is in flight). Second
     // pass: each tail and each of those cell words unchanged. Cell words never
     // repeat (I2), so no ticket was published in between, and no ticket was
@@ -351,15 +394,14 @@ std::optional<ScheduledTask> SchedulerCore::take(bool remove) noexcept {
     // with only unpublished tickets does not, so producers in flight do not
     // make consumers retry.
     auto validate = [&]() noexcept {
-      constexpr std::uint64_t kWindow = 8;
-      std::uint64_t tails[kPriorityCount], heads[kPriorityCount], words[kPriorityCount][kWindow];
+      std::uint64_t tails[kPriorityCount], heads[kPriorityCount], words[kPriorityCount][kOpenWindow];
       for (;;) {
         for (std::size_t j = 0; j < seen_count; ++j) {
           Ring& g = rings_[j];
           heads[j] = g.head.load();
           tails[j] = g.tail.load();
           if (heads[j] >= tails[j]) continue;
-          if (tails[j] - heads[j] > kWindow) return false;
+          if (tails[j] - heads[j] > kOpenWindow) return false;
           for (std::uint64_t x = heads[j]; x < tails[j]; ++x) {
             const std::uint64_t w = g.cells[x & g.mask].load();
             if (cell_occ(w) && round_diff(cell_round(w), x >> g.shift) == 0) return false;

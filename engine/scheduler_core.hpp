@@ -31,10 +31,13 @@
 // ===========================================================================
 //
 // Producers take a ticket with fetch_add on tail and publish their bucket with
-// one CAS on the cell. Consumers never wait for a producer: a cell whose
-// ticket was taken (ticket < tail) but not yet published is invalidated
+// one CAS on the cell. Consumers never wait for a producer. A ring whose open
+// tickets [head, tail) are all unpublished holds nothing yet: consumers pass
+// it by (proving that with a double collect, see next/peek below) and leave
+// the producers their tickets. An unpublished ticket with a published task
+// behind it (or with more than kOpenWindow tickets open) is invalidated
 // (EMPTY(r) -> EMPTY(r+1)) and its producer retries with a new ticket. That
-// keeps next() lock-free and makes "empty" exact: head >= tail.
+// keeps next() lock-free and FIFO.
 // A taken task's cell is not cleared: once head has passed it, the cell is
 // stale, and the producer that lands on it one lap later overwrites it.
 //
@@ -46,7 +49,9 @@
 //                                           (stale: x was taken), or x was
 //                                           CANCELLED (steal; free x)
 //   EMPTY(r'), OCC(r', x)         consumer  r' <= r, x stale: ticket r taken
-//              -> EMPTY(r+1)                but not published: invalidate, skip
+//              -> EMPTY(r+1)                but not published, and a later open
+//                                           ticket is published or more than
+//                                           kOpenWindow are open: invalidate, skip
 //   OCC(r, x)  -> EMPTY(r+1)      canceller x CANCELLED: its canceller clears it
 //                                 producer  (or its producer, if the canceller
 //                                 consumer  read an older ticket), or the
@@ -58,8 +63,13 @@
 //   OCC(r, b), b QUEUED     -> claim b (QUEUED -> TAKEN), head+1, free b
 //   OCC(r, b), b TAKEN      -> another consumer's claim: help head+1
 //   OCC(r, b), b CANCELLED  -> a tombstone: clear the cell, free b, head+1
-//   EMPTY(r) or any older   -> unpublished ticket (h < tail): invalidate,
-//   lap's word                 head+1
+//   EMPTY(r) or any older   -> unpublished ticket (h < tail). If none of the
+//   lap's word                 open tickets [h, tail) is published (at most
+//                              kOpenWindow = 8 of them): the ring counts as
+//                              empty, the producers keep their tickets.
+//                              Otherwise (a task waits behind it, or more
+//                              are open): invalidate ticket h, head+1 (its
+//                              producer retries)
 //   round > r               -> resolved already: head+1
 //
 // ===========================================================================
@@ -94,7 +104,8 @@
 //   I5. Each bucket is freed exactly once per occupant (the rules above).
 //   I6. At most one bucket is QUEUED, or FILLING past its check, for an id:
 //       inserters claim, then rescan the whole probe range (both seq_cst: the
-//       store-buffer argument), and back off on seeing another.
+//       store-buffer argument), and back off on seeing another that is
+//       FILLING or not yet published (DuplicateId only for a published one).
 //   I7. A bucket's fields are read before the claim CAS and are valid exactly
 //       when that CAS succeeds from the same state word: fields are written
 //       only while FILLING, which needs a new generation.
@@ -107,8 +118,17 @@
 // ===========================================================================
 // Linearization points
 // ===========================================================================
-//   schedule   the publish CAS; or, if a cancel() claims the task before it
-//              is published, just before that claim.
+//   schedule   the publish CAS of its last ticket, moved earlier to just
+//              before the first of these, if any: the publish of a task with
+//              a later ticket in the same ring that is not cancelled before
+//              this task's publish (tasks leave a ring in ticket order, and a
+//              consumer that saw that later task published would have
+//              invalidated this ticket), or a cancel() claim of the task
+//              before it is published. Schedules moved to the same point are
+//              ordered by ticket. A duplicate schedule() of its id waits for
+//              the publish, so it never reports a task next() may not see.
+//   DuplicateId  the rescan's cell read that found the other task published
+//              (is_published), while it was still QUEUED.
 //   next/peek  an instant inside a double collect of the higher-priority
 //              rings (no published task among their at most 8 open tickets at
 //              the first pass; tails and those cells unchanged at the second),
@@ -157,6 +177,9 @@ class SchedulerCore {
  public:
   /// Ring cells beyond max_queue_size, for tickets of schedules in flight.
   static constexpr std::size_t kSlack = 64;
+  /// Most open tickets of a ring that next() inspects to prove that none of
+  /// them is published (the ring counts as empty, its producers in flight).
+  static constexpr std::uint64_t kOpenWindow = 8;
 
   explicit SchedulerCore(const SchedulerConfig& config);
 
@@ -175,17 +198,23 @@ class SchedulerCore {
   void unreserve() noexcept;
 
   /// Claims a bucket for `task` in its id's probe range and checks the id is
-  /// not queued. Returns the bucket, or kNoBucket for DuplicateId.
+  /// not queued. Returns the bucket, or UINT32_MAX for DuplicateId.
   std::uint32_t claim_bucket(const ScheduledTask& task) noexcept;
   void free_bucket(std::uint32_t b, std::uint64_t state) noexcept;
 
   std::size_t ring_of(Priority p) const noexcept;
+  /// Whether the task in bucket `b`, whose state word is the QUEUED `state`,
+  /// is published in its ring (and was still queued then).
+  bool is_published(std::uint32_t b, std::uint64_t state) const noexcept;
   void publish(Ring& ring, std::uint32_t b, std::uint64_t state) noexcept;
   /// One attempt to take (or, with remove == false, read) the first task of
   /// `ring` among tickets below `limit`. `validate` re-checks the rings above.
   template <class Validate>
   Take take_from(Ring& ring, std::uint64_t limit, bool remove, Validate&& validate,
                  std::optional<ScheduledTask>& out) noexcept;
+  /// Whether tickets [from, to) are at most kOpenWindow and none of their
+  /// cells holds a task published at that ticket (a snapshot, not atomic).
+  static bool only_unpublished(const Ring& ring, std::uint64_t from, std::uint64_t to) noexcept;
   /// Replaces cell word `w`, which holds a CANCELLED bucket, by `with`; the
   /// winner of the CAS frees the bucket. Returns whether it won.
   bool reclaim_cell(std::atomic<std::uint64_t>& cell, std::uint64_t w, std::uint64_t with) noexcept;

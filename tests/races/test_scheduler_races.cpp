@@ -12,6 +12,7 @@
 #include <tgi_gtc/scheduling.hpp>
 
 namespace tgi_gtc::scheduling::detail {
+extern void (*g_before_ticket_hook)(std::uint64_t unused);
 extern void (*g_after_ticket_hook)(std::uint64_t ticket);
 }
 
@@ -19,18 +20,22 @@ using namespace tgi_gtc::scheduling;
 
 namespace {
 
-// Stalls the first producer that takes a ticket after arm(), until release().
+// Stalls the first producer that takes a ticket after construction (or, with
+// `before`, that is about to take one), until release().
 struct Stall {
   static inline std::atomic<int> state{0};  // 0 off, 1 armed, 2 holding, 3 released
+  static inline std::atomic<int> tickets{0};  // tickets taken since arm()
   static void hook(std::uint64_t) {
+    tickets.fetch_add(1);
     int armed = 1;
     if (state.compare_exchange_strong(armed, 2)) {
       while (state.load() != 3) std::this_thread::yield();
     }
   }
-  Stall() {
+  explicit Stall(bool before = false) {
+    tickets = 0;
     state = 1;
-    detail::g_after_ticket_hook = &hook;
+    (before ? detail::g_before_ticket_hook : detail::g_after_ticket_hook) = &hook;
   }
   void wait_held() const {
     while (state.load() != 2) std::this_thread::yield();
@@ -38,8 +43,25 @@ struct Stall {
   void release() { state = 3; }
   ~Stall() {
     release();
+    detail::g_before_ticket_hook = nullptr;
     detail::g_after_ticket_hook = nullptr;
     state = 0;
+  }
+};
+
+// schedule(task) on a thread of its own; returned() says whether it has.
+struct AsyncSchedule {
+  std::atomic<bool> done{false};
+  std::error_code result;
+  std::thread thread;
+  AsyncSchedule(Scheduler& s, ScheduledTask task) : thread([this, &s, task] {
+    result = s.schedule(task);
+    done = true;
+  }) {}
+  bool returned() const { return done.load(); }
+  std::error_code join() {
+    thread.join();
+    return result;
   }
 };
 
@@ -91,17 +113,75 @@ TEST_CASE("cancel claims a task whose producer has not published it yet") {
   CHECK(s.next()->id == 7);
 }
 
+TEST_CASE("a consumer that finds only unpublished tickets reports empty and leaves the producer its ticket") {
+  Scheduler s;
+  Stall stall;
+  std::thread a([&] { REQUIRE_FALSE(s.schedule(ScheduledTask(1, 10).with_priority(Priority::High))); });
+  stall.wait_held();
+  CHECK_FALSE(s.next());  // task 1 is not scheduled yet: empty, without waiting
+  CHECK_FALSE(s.peek());
+  stall.release();
+  a.join();
+  CHECK(Stall::tickets.load() == 1);  // published at its first ticket: nobody invalidated it
+  CHECK(s.next()->id == 1);
+}
+
+TEST_CASE("a duplicate schedule() waits for the unpublished original instead of reporting it") {
+  // The original holds a ticket but is not published, so next() passes it by.
+  // Reporting DuplicateId now would say it is queued while a next() that
+  // starts afterwards returns a lower-priority task instead.
+  Scheduler s;
+  Stall stall;
+  std::thread a([&] { REQUIRE_FALSE(s.schedule(ScheduledTask(5, 10).with_priority(Priority::Critical))); });
+  stall.wait_held();
+  AsyncSchedule dup(s, ScheduledTask(5, 10).with_priority(Priority::Critical));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK_FALSE(dup.returned());  // still waiting for the original's publish
+  REQUIRE_FALSE(s.schedule(ScheduledTask(6, 10).with_priority(Priority::Low)));
+  CHECK(s.next()->id == 6);  // allowed: no call has yet reported task 5 queued
+  stall.release();
+  a.join();
+  CHECK(dup.join() == ScheduleError::DuplicateId);
+  CHECK(s.next()->id == 5);
+  CHECK_FALSE(s.next());
+}
+
+TEST_CASE("a duplicate schedule() is not fooled by the stale cell of the bucket's previous occupant") {
+  // Task 5 is taken; its cell stays as it was (head has passed it). Task 5
+  // again reuses the same bucket, whose ticket still names that old cell, and
+  // stalls before taking a new ticket. Only head being past the old ticket
+  // tells the duplicate check that the cell is not this occupant's publish.
+  Scheduler s;
+  REQUIRE_FALSE(s.schedule(ScheduledTask(5, 10)));
+  REQUIRE(s.next()->id == 5);
+  Stall stall(/*before=*/true);
+  std::thread a([&] { REQUIRE_FALSE(s.schedule(ScheduledTask(5, 10))); });
+  stall.wait_held();
+  AsyncSchedule dup(s, ScheduledTask(5, 10));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK_FALSE(dup.returned());  // waiting for the re-scheduled task's publish
+  stall.release();
+  a.join();
+  CHECK(dup.join() == ScheduleError::DuplicateId);
+  CHECK(s.next()->id == 5);
+  CHECK_FALSE(s.next());
+}
+
 TEST_CASE("a ticket given up by a stalled producer is skipped on every later lap") {
-  // A queue of one: its ring is small, so laps come quickly.
-  Scheduler s(SchedulerConfig::with_max_queue(1));
+  // A queue of two: its ring is small (128 cells), so laps come quickly.
+  Scheduler s(SchedulerConfig::with_max_queue(2));
   for (int round = 0; round < 300; ++round) {
+    const auto id = static_cast<TaskId>(1000 + 2 * round);
     Stall stall;
-    std::thread a([&] { REQUIRE_FALSE(s.schedule(ScheduledTask(1000 + round, 10))); });
+    std::thread a([&] { REQUIRE_FALSE(s.schedule(ScheduledTask(id, 10))); });
     stall.wait_held();
-    CHECK_FALSE(s.next());  // invalidates the stalled ticket
+    REQUIRE_FALSE(s.schedule(ScheduledTask(id + 1, 10)));  // published behind the stalled ticket
+    REQUIRE(s.next()->id == id + 1);                         // invalidates the stalled ticket
     stall.release();
     a.join();
-    REQUIRE(s.next()->id == static_cast<TaskId>(1000 + round));
+    REQUIRE(Stall::tickets.load() == 3);  // ours, the second task's, and our retry
+    REQUIRE(s.next()->id == id);
+    REQUIRE_FALSE(s.next());
   }
 }
 

@@ -15,8 +15,9 @@
 //   schedule                         lock-free, except against a second
 //                                    schedule() of the *same id* running at the
 //                                    same moment: the later one waits until the
-//                                    earlier one has returned (a stall there
-//                                    delays only that duplicate).
+//                                    earlier one has published its task, just
+//                                    before it returns (a stall there delays
+//                                    only that duplicate).
 //   clear                            lock-free per task; allocates its result.
 // Hot paths (schedule, next, peek, cancel, len, next_id) take no lock, make no
 // system call and allocate no memory after construction.
