@@ -135,6 +135,11 @@ def run_suite(args, out: Path) -> Path:
     raw = out / "raw.json"
     cmd = [str(binary), f"--benchmark_out={raw}", "--benchmark_out_format=json",
            f"--benchmark_repetitions={reps}", "--benchmark_display_aggregates_only=true",
+           # Repetitions of all figures in random order, not each figure's back
+           # to back: a slow spell of a shared machine then spreads over every
+           # peer instead of sinking one, and the per-figure medians (ratios
+           # between peers) hold up.
+           "--benchmark_enable_random_interleaving=true",
            f"--duration_ms={duration}"]
     if args.threads:
         cmd.append(f"--threads={args.threads}")
