@@ -2,7 +2,7 @@
 # Installs, from Debian 12's packages, whatever the build needs and is missing.
 # Both README commands call it; it does nothing when everything is present.
 set -euo pipefail
-pkgs=(cmake ninja-build g++ make python3
+pkgs=(cmake ninja-build g++ clang make python3
       libboost-dev libconcurrentqueue-dev doctest-dev libbenchmark-dev
       libtbb-dev libatomic-queue-dev libcli11-dev python3-matplotlib)
 missing=()
