@@ -27,7 +27,6 @@
 
 namespace tgi_gtc::scheduling::detail {
 
-// ---------------------------------------------------------------------------
 inline void cpu_pause() noexcept {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
@@ -36,6 +35,7 @@ inline void cpu_pause() noexcept {
 #endif
 }
 
+// ---------------------------------------------------------------------------
 // TaskSlot: the shared part of one running/paused task record.
 //
 //   { id: u64 | stamp: u64 | cancel: u64 | taking: u64 }   32 bytes
