@@ -24,7 +24,7 @@ namespace {
 // `before`, that is about to take one), until release().
 struct Stall {
   static inline std::atomic<int> state{0};  // 0 off, 1 armed, 2 holding, 3 released
-  static inline std::atomic<int> tickets{0};  // tickets taken since arm()
+  static inline std::atomic<int> tickets{0};  // hook calls (tickets taken) since construction
   static void hook(std::uint64_t) {
     tickets.fetch_add(1);
     int armed = 1;
@@ -65,6 +65,14 @@ struct AsyncSchedule {
   }
 };
 
+// The id of the task next() returns; fails the test, rather than crash, when
+// next() returns nothing.
+TaskId next_task(Scheduler& s) {
+  const auto t = s.next();
+  REQUIRE(t);
+  return t->id;
+}
+
 }  // namespace
 
 TEST_CASE("a producer stalled before publishing blocks no consumer and hides no later task") {
@@ -91,10 +99,10 @@ TEST_CASE("a stalled higher-priority producer does not hide a published lower-pr
   std::thread a([&] { REQUIRE_FALSE(s.schedule(ScheduledTask(1, 10).with_priority(Priority::Critical))); });
   stall.wait_held();
   REQUIRE_FALSE(s.schedule(ScheduledTask(2, 10).with_priority(Priority::Low)));
-  CHECK(s.next()->id == 2);
+  CHECK(next_task(s) == 2);
   stall.release();
   a.join();
-  CHECK(s.next()->id == 1);
+  CHECK(next_task(s) == 1);
 }
 
 TEST_CASE("cancel claims a task whose producer has not published it yet") {
@@ -110,7 +118,7 @@ TEST_CASE("cancel claims a task whose producer has not published it yet") {
   a.join();
   CHECK_FALSE(s.next());                      // the producer saw the cancel and did not publish
   CHECK_FALSE(s.schedule(ScheduledTask(7, 10)));  // id and capacity are free again
-  CHECK(s.next()->id == 7);
+  CHECK(next_task(s) == 7);
 }
 
 TEST_CASE("a consumer that finds only unpublished tickets reports empty and leaves the producer its ticket") {
@@ -123,7 +131,7 @@ TEST_CASE("a consumer that finds only unpublished tickets reports empty and leav
   stall.release();
   a.join();
   CHECK(Stall::tickets.load() == 1);  // published at its first ticket: nobody invalidated it
-  CHECK(s.next()->id == 1);
+  CHECK(next_task(s) == 1);
 }
 
 TEST_CASE("a duplicate schedule() waits for the unpublished original instead of reporting it") {
@@ -138,11 +146,11 @@ TEST_CASE("a duplicate schedule() waits for the unpublished original instead of 
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   CHECK_FALSE(dup.returned());  // still waiting for the original's publish
   REQUIRE_FALSE(s.schedule(ScheduledTask(6, 10).with_priority(Priority::Low)));
-  CHECK(s.next()->id == 6);  // allowed: no call has yet reported task 5 queued
+  CHECK(next_task(s) == 6);  // allowed: no call has yet reported task 5 queued
   stall.release();
   a.join();
   CHECK(dup.join() == ScheduleError::DuplicateId);
-  CHECK(s.next()->id == 5);
+  CHECK(next_task(s) == 5);
   CHECK_FALSE(s.next());
 }
 
@@ -153,7 +161,7 @@ TEST_CASE("a duplicate schedule() is not fooled by the stale cell of the bucket'
   // tells the duplicate check that the cell is not this occupant's publish.
   Scheduler s;
   REQUIRE_FALSE(s.schedule(ScheduledTask(5, 10)));
-  REQUIRE(s.next()->id == 5);
+  REQUIRE(next_task(s) == 5);
   Stall stall(/*before=*/true);
   std::thread a([&] { REQUIRE_FALSE(s.schedule(ScheduledTask(5, 10))); });
   stall.wait_held();
@@ -163,7 +171,7 @@ TEST_CASE("a duplicate schedule() is not fooled by the stale cell of the bucket'
   stall.release();
   a.join();
   CHECK(dup.join() == ScheduleError::DuplicateId);
-  CHECK(s.next()->id == 5);
+  CHECK(next_task(s) == 5);
   CHECK_FALSE(s.next());
 }
 
@@ -176,11 +184,11 @@ TEST_CASE("a ticket given up by a stalled producer is skipped on every later lap
     std::thread a([&] { REQUIRE_FALSE(s.schedule(ScheduledTask(id, 10))); });
     stall.wait_held();
     REQUIRE_FALSE(s.schedule(ScheduledTask(id + 1, 10)));  // published behind the stalled ticket
-    REQUIRE(s.next()->id == id + 1);                         // invalidates the stalled ticket
+    REQUIRE(next_task(s) == id + 1);  // invalidates the stalled ticket
     stall.release();
     a.join();
     REQUIRE(Stall::tickets.load() == 3);  // ours, the second task's, and our retry
-    REQUIRE(s.next()->id == id);
+    REQUIRE(next_task(s) == id);
     REQUIRE_FALSE(s.next());
   }
 }
