@@ -25,15 +25,9 @@
 
 #include <tgi_gtc/scheduling/task.hpp>
 
-namespace tgi_gtc::scheduling::detail {
+#include "cpu_relax.hpp"
 
-inline void cpu_pause() noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
+namespace tgi_gtc::scheduling::detail {
 
 // ---------------------------------------------------------------------------
 // TaskSlot: the shared part of one running/paused task record.
@@ -92,7 +86,7 @@ struct TaskSlot {
     std::uint64_t t = 0;
     for (unsigned spins = 0; (t = taking.load(std::memory_order::acquire)) == s; ++spins) {  // (K3) pairs with (K1)/(K2)
       if (spins < 64) {
-        cpu_pause();
+        cpu_relax();
       } else {
         std::this_thread::yield();
       }

@@ -6,6 +6,7 @@
 
 #include <tgi_gtc/scheduling/scheduler.hpp>
 
+#include "cpu_relax.hpp"
 #include "scheduler_core.hpp"
 
 namespace tgi_gtc::scheduling {
@@ -58,6 +59,11 @@ constexpr std::int64_t round_diff(std::uint64_t a, std::uint64_t b) {
   return static_cast<std::int64_t>((a - b) << kRoundShift) >> kRoundShift;
 }
 
+// Whether cell word `w` holds a task published at ticket `x` (its round).
+constexpr bool published_at(std::uint64_t w, std::uint64_t x, unsigned shift) {
+  return cell_occ(w) && round_diff(cell_round(w), x >> shift) == 0;
+}
+
 constexpr std::uint64_t mix(std::uint64_t x) {  // splitmix64 finalizer
   x += 0x9e3779b97f4a7c15ULL;
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -77,14 +83,6 @@ struct IdHash {
 constexpr IdHash id_hash(std::uint64_t id) {
   const std::uint64_t h = mix(id >> kHomeRunBits);
   return {h + id, (h >> 44) ^ (id & ((1u << kHomeRunBits) - 1))};
-}
-
-inline void cpu_relax() noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
 }
 
 ScheduledTask task_of(const Bucket& b, std::uint64_t state) noexcept {
@@ -310,8 +308,7 @@ bool SchedulerCore::reclaim_cell(std::atomic<std::uint64_t>& cell, std::uint64_t
 bool SchedulerCore::only_unpublished(const Ring& ring, std::uint64_t from, std::uint64_t to) noexcept {
   if (to - from > kOpenWindow) return false;
   for (std::uint64_t x = from; x < to; ++x) {
-    const std::uint64_t w = ring.cells[x & ring.mask].load();
-    if (cell_occ(w) && round_diff(cell_round(w), x >> ring.shift) == 0) return false;
+    if (published_at(ring.cells[x & ring.mask].load(), x, ring.shift)) return false;
   }
   return true;
 }
@@ -404,7 +401,7 @@ std::optional<ScheduledTask> SchedulerCore::take(bool remove) noexcept {
           if (tails[j] - heads[j] > kOpenWindow) return false;
           for (std::uint64_t x = heads[j]; x < tails[j]; ++x) {
             const std::uint64_t w = g.cells[x & g.mask].load();
-            if (cell_occ(w) && round_diff(cell_round(w), x >> g.shift) == 0) return false;
+            if (published_at(w, x, g.shift)) return false;
             words[j][x - heads[j]] = w;
           }
         }
