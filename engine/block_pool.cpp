@@ -152,11 +152,12 @@ std::uint32_t checked_blocks(std::uint32_t num_blocks, const char* who) {
   return num_blocks;
 }
 
-// The `n` lowest set bits of `bits` (all of them when it has no more).
+// The `n` lowest set bits of `bits` (all of them when it has no more). At most
+// min(n, 64) steps; no popcount, which is a library call without -mpopcnt.
 std::uint64_t lowest_bits(std::uint64_t bits, std::size_t n) noexcept {
-  if (static_cast<std::size_t>(std::popcount(bits)) <= n) return bits;
+  if (n >= 64) return bits;
   std::uint64_t pick = 0;
-  for (; n != 0; --n) {
+  for (; n != 0 && bits != 0; --n) {
     const std::uint64_t low = bits & (0 - bits);
     pick |= low;
     bits ^= low;
