@@ -343,6 +343,9 @@ def goals(res: Results, hw: int) -> list[list[str]]:
     def verdict(ok):
         return "n/a" if ok is None else ("PASS" if ok else "FAIL")
 
+    def below_floor(unmeasurable, v):
+        return f"not measurable here (the empty timed section misses it too); {v} as measured" if unmeasurable else v
+
     def med(w, p, f, n, c):
         return res.median(w, p, f, n, c)
 
@@ -406,25 +409,38 @@ def goals(res: Results, hw: int) -> list[list[str]]:
                     verdict(None if p999 is None or not mut else p999 <= min(mut) / 10)])
         fair = med(w, PROJECT, "tput", n_over, "fairness")
         lat_fair = med(w, PROJECT, "lat", n_over, "fairness")
-        out.append([f"{where}: fairness >= 0.7", f"{fmt_num(fair)} (timed run {fmt_num(lat_fair)})",
-                    verdict(None if fair is None else fair >= 0.7)])
+        # The empty timed section at the same thread count is what the OS
+        # alone gives: where it is already past a goal, no queue can be judged.
+        floor_fair = med("floor", "none", "lat", n_over, "fairness")
+        out.append([f"{where}: fairness >= 0.7",
+                    f"{fmt_num(fair)} (timed run {fmt_num(lat_fair)}; empty timed section: {fmt_num(floor_fair)})",
+                    below_floor(floor_fair is not None and floor_fair < 0.7,
+                                verdict(None if fair is None else fair >= 0.7))])
         mx = res.maximum(w, PROJECT, "lat", n_over, "max_ns")
         mut_mx = [m for m in (res.maximum(w, m, "lat", n_over, "max_ns") for m in MUTEX_QUEUES) if m]
         floor = res.maximum("floor", "none", "lat", n_over, "max_ns")
         out.append([f"{where}: worst operation < 2 ms",
                     f"{fmt_ns(mx)} (mutex peers {', '.join(fmt_ns(m) for m in mut_mx) or '-'}; "
                     f"empty timed section: {fmt_ns(floor)})",
-                    verdict(None if mx is None else mx < 2e6)])
+                    below_floor(floor is not None and floor >= 2e6, verdict(None if mx is None else mx < 2e6))])
     # 5. allocator
     ns, shown = one_thread_ns("alloc.k1")
     out.append(["alloc, 1 block allocate+release, 1 thread: < 15 ns (CPU time per pair)", shown,
                 verdict(None if ns is None else ns < 15)])
-    n_alloc = 4 if hw <= 2 else 2 * hw
+    # At 16 threads (the largest count on a smaller machine): throughput at
+    # least 3x the mutex free list, and the best p99.9 of all allocator peers.
+    n_alloc = 16 if 16 in threads else max(threads, default=1)
+    a = med("alloc.k1", PROJECT, "tput", n_alloc, "items_per_s")
+    b = med("alloc.k1", POOL_BASELINE, "tput", n_alloc, "items_per_s")
+    out.append([f"alloc k=1, {n_alloc} threads: >= 3x {POOL_BASELINE}'s throughput", fmt_ratio(a, b),
+                verdict(None if not a or not b else a >= 3 * b)])
     p = med("alloc.k1", PROJECT, "lat", n_alloc, "p999_ns")
-    mut = [med("alloc.k1", m, "lat", n_alloc, "p999_ns") for m in MUTEX_POOLS]
-    ok = None if p is None or None in mut else all(p < m for m in mut)
-    out.append([f"alloc k=1, {n_alloc} threads: p99.9 below both mutex free lists",
-                f"{fmt_ns(p)} vs {', '.join(fmt_ns(m) for m in mut)}", verdict(ok)])
+    others = {q: med("alloc.k1", q, "lat", n_alloc, "p999_ns") for q in res.peers("alloc.k1") if q != PROJECT}
+    others = {q: v for q, v in others.items() if v is not None}
+    ok = None if p is None or not others else all(p <= v for v in others.values())
+    out.append([f"alloc k=1, {n_alloc} threads: the best p99.9 of the allocator peers",
+                f"{fmt_ns(p)} vs " + (", ".join(f"{q} {fmt_ns(v)}" for q, v in sorted(others.items())) or "-"),
+                verdict(ok)])
     # 6. engine
     for name, target in (("step_no_change", 5e3), ("step_admit32", 20e3)):
         v = med("engine", name, "tput", 1, "median_ns")
