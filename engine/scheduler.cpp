@@ -76,13 +76,15 @@ constexpr std::uint64_t mix(std::uint64_t x) {  // splitmix64 finalizer
 // instead of one random line of a table that may be far larger than the
 // cache. Short runs keep linear probing's clusters short.
 constexpr unsigned kHomeRunBits = 3;
+constexpr std::uint64_t kHomeRun = std::uint64_t{1} << kHomeRunBits;
+constexpr std::uint64_t kCellsPerLine = kCacheLine / sizeof(std::atomic<std::uint64_t>);
 struct IdHash {
   std::uint64_t home;  // before masking
   std::uint64_t fp;    // 20 bits: the run's hash, and the id's place in its run
 };
 constexpr IdHash id_hash(std::uint64_t id) {
   const std::uint64_t h = mix(id >> kHomeRunBits);
-  return {h + id, (h >> 44) ^ (id & ((1u << kHomeRunBits) - 1))};
+  return {h + id, (h >> 44) ^ (id & (kHomeRun - 1))};
 }
 
 ScheduledTask task_of(const Bucket& b, std::uint64_t state) noexcept {
@@ -149,7 +151,32 @@ void SchedulerCore::free_bucket(std::uint32_t b, std::uint64_t state) noexcept {
 // schedule
 // ---------------------------------------------------------------------------
 
+void SchedulerCore::prefetch_run(TaskId first) const noexcept {
+  const std::uint64_t home = id_hash(first).home & table_mask_;
+  __builtin_prefetch(&reach_[home], 1);
+  __builtin_prefetch(&reach_[(home + kHomeRun - 1) & table_mask_], 1);
+  // Two buckets a line: every other bucket, and the last, cover the run's lines.
+  for (std::uint64_t i = 0; i < kHomeRun; i += 2) __builtin_prefetch(&table_[(home + i) & table_mask_], 1);
+  __builtin_prefetch(&table_[(home + kHomeRun - 1) & table_mask_], 1);
+}
+
+void SchedulerCore::prefetch_ahead(const Ring& ring, std::uint64_t h, std::uint64_t t) const noexcept {
+  // A deep queue's next tasks were scheduled long ago: their cells and
+  // buckets are likely out of the cache. Fetch the next line of cells, and
+  // the bucket two tasks ahead (its cell is in a line fetched earlier).
+  if ((h & (kCellsPerLine - 1)) == 0) __builtin_prefetch(&ring.cells[(h + kCellsPerLine) & ring.mask], 0);
+  if (h + 2 >= t) return;
+  // relaxed: a prefetch hint only; the word is not used for anything else.
+  const std::uint64_t w = ring.cells[(h + 2) & ring.mask].load(std::memory_order::relaxed);
+  if (cell_occ(w)) __builtin_prefetch(&table_[cell_bucket(w)], 0);
+}
+
 std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
+  // Ids mostly come in sequence (next_id(), or a caller's counter), and each
+  // run of kHomeRun of them lands at a new random place in the table, likely
+  // not in any cache when the table is large. The first id of a run fetches
+  // the next run's lines, some kHomeRun schedules before they are needed.
+  if ((task.id & (kHomeRun - 1)) == 0) prefetch_run(task.id + kHomeRun);
   const IdHash hash = id_hash(task.id);
   const std::uint64_t home = hash.home & table_mask_;
   const std::uint64_t fp = hash.fp;
@@ -255,6 +282,8 @@ void SchedulerCore::publish(Ring& ring, std::uint32_t b, std::uint64_t queued) n
     TGI_GTC_BEFORE_TICKET();
     const std::uint64_t t = ring.tail.fetch_add(1);
     bucket.ticket.store(t);
+    // The ring's next line, for the producers of the next tickets.
+    if ((t & (kCellsPerLine - 1)) == 0) __builtin_prefetch(&ring.cells[(t + kCellsPerLine) & ring.mask], 1);
     TGI_GTC_AFTER_TICKET(t);
     const std::uint64_t r = t >> ring.shift;
     std::atomic<std::uint64_t>& cell = ring.cells[t & ring.mask];
@@ -368,6 +397,7 @@ SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bo
     if (!bucket.state.compare_exchange_strong(expected, with_st(st, kTaken))) continue;
     // The cell stays as it is: with head past it, it is stale (see publish).
     ring.head.compare_exchange_strong(h, h + 1);
+    prefetch_ahead(ring, h, t);
     free_bucket(b, st);
     unreserve();
     out = task;

@@ -23,6 +23,15 @@
 //        id, tokens                written while FILLING
 //        ticket                    ring position of the current publish try
 //   reach_[h] = how many buckets from h an entry whose home is h may sit in.
+//   Buckets are 32 B and 32-byte aligned: two a line, none across two.
+//
+//   Prefetches (hints only; nothing depends on them): a schedule() whose id
+//   starts a run fetches the next run's table and reach_ lines; a producer
+//   whose ticket starts a line of cells fetches the next line; a consumer
+//   fetches the next line of cells, and the bucket two tickets ahead. Without
+//   them, a table larger than the cache costs a miss every few schedules (at
+//   capacity 16,384 on the 2-core development box, one thread's p99 per call
+//   went from 300-380 ns to 60-125 ns).
 //
 // ===========================================================================
 // The ring (after Vyukov's bounded MPMC queue, with the invalidation of
@@ -156,7 +165,9 @@ namespace tgi_gtc::scheduling::detail {
 
 inline constexpr std::size_t kCacheLine = 64;
 
-struct Bucket {
+// 32-byte aligned (so new[] returns a 32-byte aligned table): two buckets a
+// line, none across two.
+struct alignas(32) Bucket {
   std::atomic<std::uint64_t> state{0};
   std::atomic<std::uint64_t> id{0};
   std::atomic<std::uint64_t> tokens{0};
@@ -200,6 +211,11 @@ class SchedulerCore {
   /// Claims a bucket for `task` in its id's probe range and checks the id is
   /// not queued. Returns the bucket, or UINT32_MAX for DuplicateId.
   std::uint32_t claim_bucket(const ScheduledTask& task) noexcept;
+  /// Prefetches the index and table lines of the run of ids that starts at `first`.
+  void prefetch_run(TaskId first) const noexcept;
+  /// After taking ticket `h` of a ring whose tail was `t`: prefetches what
+  /// the next takes will read.
+  void prefetch_ahead(const Ring& ring, std::uint64_t h, std::uint64_t t) const noexcept;
   void free_bucket(std::uint32_t b, std::uint64_t state) noexcept;
 
   std::size_t ring_of(Priority p) const noexcept;
