@@ -71,7 +71,8 @@ constexpr std::uint64_t mix(std::uint64_t x) {  // splitmix64 finalizer
   return x ^ (x >> 31);
 }
 // Home bucket of an id: ids come mostly from next_id(), so consecutive ids
-// (runs of kHomeRun) get consecutive buckets at a random place in the table.
+// (runs of kHomeRun) get consecutive buckets at a random place in the table
+// (home_of() maps the run's hash onto the table).
 // A schedule()+next() then touches the same few cache lines as its neighbours
 // instead of one random line of a table that may be far larger than the
 // cache. Short runs keep linear probing's clusters short.
@@ -79,12 +80,12 @@ constexpr unsigned kHomeRunBits = 3;
 constexpr std::uint64_t kHomeRun = std::uint64_t{1} << kHomeRunBits;
 constexpr std::uint64_t kCellsPerLine = kCacheLine / sizeof(std::atomic<std::uint64_t>);
 struct IdHash {
-  std::uint64_t home;  // before masking
-  std::uint64_t fp;    // 20 bits: the run's hash, and the id's place in its run
+  std::uint64_t run;  // 32 bits: where the id's run starts (home_of() scales it)
+  std::uint64_t fp;   // 20 bits: other bits of the run's hash, and the id's place in its run
 };
 constexpr IdHash id_hash(std::uint64_t id) {
   const std::uint64_t h = mix(id >> kHomeRunBits);
-  return {h + id, (h >> 44) ^ (id & (kHomeRun - 1))};
+  return {h & 0xffff'ffffu, (h >> 44) ^ (id & (kHomeRun - 1))};
 }
 
 ScheduledTask task_of(const Bucket& b, std::uint64_t state) noexcept {
@@ -106,11 +107,13 @@ SchedulerCore::SchedulerCore(const SchedulerConfig& config)
     rings_[i].mask = cells - 1;
     rings_[i].shift = static_cast<unsigned>(std::countr_zero(cells));
   }
-  const std::size_t buckets = 2 * cells;  // I8
-  static_assert(2 * std::bit_ceil(kMaxQueueSize + kSlack + 1) <= kSlotMask + 1);
+  // Twice the tasks that can hold a bucket at once (I8), not a power of two:
+  // home_of() and wrap() need none.
+  const std::size_t buckets = 2 * (capacity_ + kSlack + 1);
+  static_assert(2 * (kMaxQueueSize + kSlack + 1) <= kSlotMask + 1);
   table_ = std::make_unique<Bucket[]>(buckets);
   reach_ = std::make_unique<std::atomic<std::uint32_t>[]>(buckets);
-  table_mask_ = buckets - 1;
+  table_size_ = buckets;
   memory_bytes_ = sizeof(*this) + ring_count_ * cells * sizeof(std::atomic<std::uint64_t>) +
                   buckets * (sizeof(Bucket) + sizeof(std::atomic<std::uint32_t>));
 }
@@ -151,13 +154,18 @@ void SchedulerCore::free_bucket(std::uint32_t b, std::uint64_t state) noexcept {
 // schedule
 // ---------------------------------------------------------------------------
 
+std::uint64_t SchedulerCore::home_of(TaskId id, std::uint64_t run) const noexcept {
+  // Lemire's multiply-shift reduction of a 32-bit hash onto [0, M).
+  return wrap(((run * table_size_) >> 32) + (id & (kHomeRun - 1)));
+}
+
 void SchedulerCore::prefetch_run(TaskId first) const noexcept {
-  const std::uint64_t home = id_hash(first).home & table_mask_;
+  const std::uint64_t home = home_of(first, id_hash(first).run);
   __builtin_prefetch(&reach_[home], 1);
-  __builtin_prefetch(&reach_[(home + kHomeRun - 1) & table_mask_], 1);
+  __builtin_prefetch(&reach_[wrap(home + kHomeRun - 1)], 1);
   // Two buckets a line: every other bucket, and the last, cover the run's lines.
-  for (std::uint64_t i = 0; i < kHomeRun; i += 2) __builtin_prefetch(&table_[(home + i) & table_mask_], 1);
-  __builtin_prefetch(&table_[(home + kHomeRun - 1) & table_mask_], 1);
+  for (std::uint64_t i = 0; i < kHomeRun; i += 2) __builtin_prefetch(&table_[wrap(home + i)], 1);
+  __builtin_prefetch(&table_[wrap(home + kHomeRun - 1)], 1);
 }
 
 void SchedulerCore::prefetch_ahead(const Ring& ring, std::uint64_t h, std::uint64_t t) const noexcept {
@@ -178,14 +186,15 @@ std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
   // the next run's lines, some kHomeRun schedules before they are needed.
   if ((task.id & (kHomeRun - 1)) == 0) prefetch_run(task.id + kHomeRun);
   const IdHash hash = id_hash(task.id);
-  const std::uint64_t home = hash.home & table_mask_;
+  const std::uint64_t home = home_of(task.id, hash.run);
   const std::uint64_t fp = hash.fp;
   std::atomic<std::uint32_t>& reach = reach_[home];
   for (unsigned backoff = 1;; backoff = backoff < 4096 ? backoff * 2 : backoff) {
     // Claim the first free bucket from home (the table is about half full at most, I8).
     std::uint64_t d = 0, mine = 0, state = 0;
-    for (;; ++d) {
-      mine = (home + d) & table_mask_;
+    // (A free bucket is always there, I8; a full table would only spin.)
+    for (;; d = d + 1 < table_size_ ? d + 1 : 0) {
+      mine = wrap(home + d);
       std::uint64_t s = table_[mine].state.load();
       if (st_of(s) != kFree) continue;
       state = filling_state(gen_of(s), fp, task);
@@ -202,7 +211,7 @@ std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
     bool duplicate = false, contended = false;
     const std::uint32_t range = reach.load();
     for (std::uint64_t i = 0; i < range; ++i) {
-      const std::uint64_t b = (home + i) & table_mask_;
+      const std::uint64_t b = wrap(home + i);
       const std::uint64_t s = table_[b].state.load();
       if (b == mine || fp_of(s) != fp) continue;
       if (st_of(s) == kFilling) {  // its id may not be written yet: assume ours
@@ -479,12 +488,12 @@ std::vector<ScheduledTask> SchedulerCore::clear() {
 
 std::optional<ScheduledTask> SchedulerCore::cancel(TaskId id) noexcept {
   const IdHash hash = id_hash(id);
-  const std::uint64_t home = hash.home & table_mask_;
+  const std::uint64_t home = home_of(id, hash.run);
   const std::uint64_t fp = hash.fp;
 restart:
   const std::uint32_t range = reach_[home].load();
   for (std::uint64_t i = 0; i < range; ++i) {
-    const std::uint32_t b = static_cast<std::uint32_t>((home + i) & table_mask_);
+    const std::uint32_t b = static_cast<std::uint32_t>(wrap(home + i));
     Bucket& bucket = table_[b];
     const std::uint64_t st = bucket.state.load();
     if (st_of(st) != kQueued || fp_of(st) != fp) continue;

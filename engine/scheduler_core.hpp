@@ -13,10 +13,12 @@
 //              EMPTY(r) = r << 27          OCC(r, b) = r << 27 | 1 << 26 | b
 //        ticket t lives in cells[t mod C] during round r = t / C.
 //
-//   table_[M], M = 2C: the task slots and the id index in one open-addressing
-//   hash table. A task lives in a bucket of the probe range of its id's home
-//   bucket h = (hash(id / 8) + id) mod M (runs of 8 consecutive ids share a
-//   random base, so ids from next_id() land on neighbouring cache lines):
+//   table_[M], M = 2(N + 65): the task slots and the id index in one
+//   open-addressing hash table (linear probing, wrapping at M). A task lives
+//   in a bucket of the probe range of its id's home bucket
+//   h = (hash(id / 8) scaled to [0, M) + id mod 8) mod M (runs of 8
+//   consecutive ids share a random base, so ids from next_id() land on
+//   neighbouring cache lines):
 //        state   = gen:38 | fp:20 | preemptible:1 | priority:2 | st:3
 //                  st: FREE, FILLING, QUEUED, TAKEN, CANCELLED
 //                  fp: 20 more bits of the id's hash
@@ -121,8 +123,9 @@
 //   I8. A cancelled task's cell is cleared before its cancel() or its
 //       schedule() returns (the canceller reads the ticket after its claim, the
 //       producer re-reads the state after its publish: one of them sees the
-//       other). So buckets in use <= queued tasks + calls in flight, and M = 2C
-//       keeps the table about half full at most, whatever the cancel pattern.
+//       other). So buckets in use <= queued tasks + calls in flight, and
+//       M = 2(N + 65) keeps the table about half full at most, whatever the
+//       cancel pattern.
 //
 // ===========================================================================
 // Linearization points
@@ -211,6 +214,10 @@ class SchedulerCore {
   /// Claims a bucket for `task` in its id's probe range and checks the id is
   /// not queued. Returns the bucket, or UINT32_MAX for DuplicateId.
   std::uint32_t claim_bucket(const ScheduledTask& task) noexcept;
+  /// The home bucket of `id`, whose run hash (IdHash::run) is `run`.
+  std::uint64_t home_of(TaskId id, std::uint64_t run) const noexcept;
+  /// Bucket index x, for x < 2M, taken modulo M (probes wrap around the end).
+  std::uint64_t wrap(std::uint64_t x) const noexcept { return x < table_size_ ? x : x - table_size_; }
   /// Prefetches the index and table lines of the run of ids that starts at `first`.
   void prefetch_run(TaskId first) const noexcept;
   /// After taking ticket `h` of a ring whose tail was `t`: prefetches what
@@ -245,7 +252,7 @@ class SchedulerCore {
 
   std::unique_ptr<Bucket[]> table_;
   std::unique_ptr<std::atomic<std::uint32_t>[]> reach_;
-  std::uint64_t table_mask_ = 0;
+  std::uint64_t table_size_ = 0;  // M
   std::size_t memory_bytes_ = 0;
 };
 
