@@ -47,6 +47,8 @@ constexpr std::uint64_t filling_state(std::uint64_t gen, std::uint64_t fp, const
 constexpr unsigned kSlotBits = 26;
 constexpr std::uint64_t kSlotMask = (std::uint64_t{1} << kSlotBits) - 1;
 constexpr std::uint64_t kOcc = std::uint64_t{1} << kSlotBits;
+// Bucket::ticket of an occupant that has taken no ticket yet.
+constexpr std::uint64_t kNoTicket = UINT64_MAX;
 constexpr unsigned kRoundShift = kSlotBits + 1;
 constexpr std::uint64_t kRoundMask = (std::uint64_t{1} << (64 - kRoundShift)) - 1;
 constexpr std::uint64_t cell_round(std::uint64_t w) { return w >> kRoundShift; }
@@ -107,8 +109,8 @@ SchedulerCore::SchedulerCore(const SchedulerConfig& config)
     rings_[i].mask = cells - 1;
     rings_[i].shift = static_cast<unsigned>(std::countr_zero(cells));
   }
-  // Twice the tasks that can hold a bucket at once (I8), not a power of two:
-  // home_of() and wrap() need none.
+  // Buckets in use <= queued tasks + calls in flight (I8): twice N + 65 keeps
+  // the table about half full. Not a power of two: home_of() and wrap() need none.
   const std::size_t buckets = 2 * (capacity_ + kSlack + 1);
   static_assert(2 * (kMaxQueueSize + kSlack + 1) <= kSlotMask + 1);
   table_ = std::make_unique<Bucket[]>(buckets);
@@ -161,8 +163,8 @@ std::uint64_t SchedulerCore::home_of(TaskId id, std::uint64_t run) const noexcep
 
 void SchedulerCore::prefetch_run(TaskId first) const noexcept {
   const std::uint64_t home = home_of(first, id_hash(first).run);
-  __builtin_prefetch(&reach_[home], 1);
-  __builtin_prefetch(&reach_[wrap(home + kHomeRun - 1)], 1);
+  __builtin_prefetch(&reach_[home], 0);  // mostly read
+  __builtin_prefetch(&reach_[wrap(home + kHomeRun - 1)], 0);
   // Two buckets a line: every other bucket, and the last, cover the run's lines.
   for (std::uint64_t i = 0; i < kHomeRun; i += 2) __builtin_prefetch(&table_[wrap(home + i)], 1);
   __builtin_prefetch(&table_[wrap(home + kHomeRun - 1)], 1);
@@ -204,6 +206,10 @@ std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
     // relaxed (both): published by the release store of QUEUED in schedule().
     bucket.id.store(task.id, std::memory_order::relaxed);
     bucket.tokens.store(task.estimated_tokens, std::memory_order::relaxed);
+    // relaxed: published the same way. Not the previous occupant's ticket: a
+    // cancel() between our QUEUED and our first ticket would clear that
+    // occupant's stale cell and free this bucket while we publish it.
+    bucket.ticket.store(kNoTicket, std::memory_order::relaxed);
     std::uint32_t r = reach.load();
     while (r < d + 1 && !reach.compare_exchange_weak(r, static_cast<std::uint32_t>(d + 1))) {
     }
@@ -252,6 +258,7 @@ std::size_t SchedulerCore::ring_of(Priority p) const noexcept {
 bool SchedulerCore::is_published(std::uint32_t b, std::uint64_t state) const noexcept {
   const Ring& ring = rings_[ring_of(static_cast<Priority>((state >> kPrioShift) & 3))];
   const std::uint64_t t = table_[b].ticket.load();
+  if (t == kNoTicket) return false;  // no ticket yet
   // The cell holds bucket b at ticket t. An earlier occupant's publish there
   // would have been cleared before its bucket was freed (cancelled) or passed
   // by head (taken, I3), and cell words never repeat (I2): with head not past
@@ -291,7 +298,8 @@ void SchedulerCore::publish(Ring& ring, std::uint32_t b, std::uint64_t queued) n
     TGI_GTC_BEFORE_TICKET();
     const std::uint64_t t = ring.tail.fetch_add(1);
     bucket.ticket.store(t);
-    // The ring's next line, for the producers of the next tickets.
+    // One ticket in 8 fetches the cells 8 ahead, for the producers of the
+    // next tickets: every line of the ring before its first use.
     if ((t & (kCellsPerLine - 1)) == 0) __builtin_prefetch(&ring.cells[(t + kCellsPerLine) & ring.mask], 1);
     TGI_GTC_AFTER_TICKET(t);
     const std::uint64_t r = t >> ring.shift;
@@ -405,8 +413,9 @@ SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bo
     std::uint64_t expected = st;
     if (!bucket.state.compare_exchange_strong(expected, with_st(st, kTaken))) continue;
     // The cell stays as it is: with head past it, it is stale (see publish).
+    const std::uint64_t taken = h;  // a failed CAS below overwrites h
     ring.head.compare_exchange_strong(h, h + 1);
-    prefetch_ahead(ring, h, t);
+    prefetch_ahead(ring, taken, t);
     free_bucket(b, st);
     unreserve();
     out = task;
@@ -502,15 +511,18 @@ restart:
     std::uint64_t expected = st;
     if (!bucket.state.compare_exchange_strong(expected, with_st(st, kCancelled))) goto restart;
     // Clear its cell, if it is published (see publish() for why the ticket is
-    // read after the claim). Re-reading the state after the ticket proves the
-    // ticket belongs to this task: the bucket is not freed while its cell
-    // holds it. A tombstone left behind (its producer clears it) is also
-    // cleared by the consumer that reaches it or a producer lapping onto it.
+    // read after the claim). The ticket read is this task's: the claim read
+    // its QUEUED store, before which claim_bucket reset the field (kNoTicket:
+    // none taken yet, so nothing to clear here; its producer will see the
+    // claim), and re-reading the state afterwards shows the bucket was not
+    // freed and reused meanwhile. A tombstone left behind (its producer clears
+    // it) is also cleared by the consumer that reaches it or a producer
+    // lapping onto it.
     Ring& ring = rings_[ring_of(task.priority)];
     const std::uint64_t cancelled = with_st(st, kCancelled);
-    for (std::uint64_t last = UINT64_MAX;;) {
+    for (std::uint64_t last = kNoTicket;;) {
       const std::uint64_t t = bucket.ticket.load();
-      if (t == last || bucket.state.load() != cancelled) break;
+      if (t == kNoTicket || t == last || bucket.state.load() != cancelled) break;
       last = t;
       const std::uint64_t r = t >> ring.shift;
       std::atomic<std::uint64_t>& cell = ring.cells[t & ring.mask];

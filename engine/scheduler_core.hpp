@@ -23,7 +23,8 @@
 //                  st: FREE, FILLING, QUEUED, TAKEN, CANCELLED
 //                  fp: 20 more bits of the id's hash
 //        id, tokens                written while FILLING
-//        ticket                    ring position of the current publish try
+//        ticket                    ring position of the current publish try;
+//                                  reset to none (kNoTicket) while FILLING
 //   reach_[h] = how many buckets from h an entry whose home is h may sit in.
 //   Buckets are 32 B and 32-byte aligned: two a line, none across two.
 //
@@ -123,7 +124,8 @@
 //   I8. A cancelled task's cell is cleared before its cancel() or its
 //       schedule() returns (the canceller reads the ticket after its claim, the
 //       producer re-reads the state after its publish: one of them sees the
-//       other). So buckets in use <= queued tasks + calls in flight, and
+//       other; the ticket read is this task's or none, never a previous
+//       occupant's, as claim_bucket resets it while FILLING). So buckets in use <= queued tasks + calls in flight, and
 //       M = 2(N + 65) keeps the table about half full at most, whatever the
 //       cancel pattern.
 //

@@ -201,6 +201,68 @@ TEST_SUITE("stress") {
     CHECK(s.is_empty());
   }
 
+  TEST_CASE("a few ids reused by every call at once: each accepted schedule leaves exactly once") {
+    // Every thread schedules, cancels, takes and clears the same 12 ids, so a
+    // cancel often meets a schedule of its id in flight and buckets are reused
+    // at once. The history checker needs unique ids; here each id's accepted
+    // schedules must equal its removals, and the drained queue must be empty.
+    const auto seed = tgi_test::seed();
+    const auto ops = tgi_test::iterations(20000) * 10;
+    MESSAGE("seed=" << seed << " iters=" << ops);
+    for (const bool prio : {false, true}) {
+      Scheduler s(SchedulerConfig{.max_queue_size = 8, .priority_scheduling = prio});
+      constexpr std::size_t kIds = 12;
+      auto id_of = [](std::size_t k) { return k < 8 ? 1000 + k : (k - 7) * 0x10000 + 1; };  // a run of 8, 4 scattered
+      auto index_of = [&](TaskId id) {
+        for (std::size_t k = 0; k < kIds; ++k) {
+          if (id_of(k) == id) return k;
+        }
+        return kIds;
+      };
+      std::vector<std::atomic<std::uint64_t>> added(kIds + 1), removed(kIds + 1);  // [kIds]: unknown ids
+      constexpr unsigned kThreads = 4;
+      std::barrier start(kThreads);
+      auto worker = [&](unsigned w) {
+        std::mt19937_64 rng(seed * 7919 + w + (prio ? 100 : 0));
+        start.arrive_and_wait();
+        for (std::uint64_t i = 0; i < ops; ++i) {
+          const std::size_t k = rng() % kIds;
+          const auto op = rng() % 100;
+          // relaxed (all counters): read after the threads are joined.
+          if (op < 50) {
+            if (!s.schedule(ScheduledTask(id_of(k), 1).with_priority(static_cast<Priority>(rng() % 4)))) {
+              added[k].fetch_add(1, std::memory_order::relaxed);
+            }
+          } else if (op < 75) {
+            if (auto t = s.cancel(id_of(k))) removed[t->id == id_of(k) ? k : kIds].fetch_add(1, std::memory_order::relaxed);
+          } else if (op < 98) {
+            if (auto t = s.next()) removed[index_of(t->id)].fetch_add(1, std::memory_order::relaxed);
+          } else {
+            for (const auto& t : s.clear()) removed[index_of(t.id)].fetch_add(1, std::memory_order::relaxed);
+          }
+        }
+      };
+      std::vector<std::thread> pool;
+      for (unsigned w = 0; w < kThreads; ++w) pool.emplace_back(worker, w);
+      for (auto& t : pool) t.join();
+      for (const auto& t : s.clear()) removed[index_of(t.id)].fetch_add(1, std::memory_order::relaxed);
+      CHECK(s.len() == 0);
+      CHECK_FALSE(s.next());
+      std::size_t accepted = 0, mismatched = 0;
+      for (std::size_t k = 0; k < kIds; ++k) {
+        accepted += added[k].load(std::memory_order::relaxed);
+        if (added[k].load(std::memory_order::relaxed) != removed[k].load(std::memory_order::relaxed)) {
+          ++mismatched;
+          MESSAGE("id " << id_of(k) << ": accepted " << added[k].load() << ", removed " << removed[k].load());
+        }
+        CHECK_FALSE(s.cancel(id_of(k)));
+      }
+      CHECK(removed[kIds].load() == 0);
+      CHECK(mismatched == 0);
+      CHECK(accepted > 0);
+    }
+  }
+
   TEST_CASE("concurrent schedules of one id: exactly one is queued") {
     const auto rounds = tgi_test::iterations(20000) / 10;
     Scheduler s(SchedulerConfig::with_max_queue(16));

@@ -175,6 +175,37 @@ TEST_CASE("a duplicate schedule() is not fooled by the stale cell of the bucket'
   CHECK_FALSE(s.next());
 }
 
+TEST_CASE("a cancel before the first ticket of a task in a reused bucket does not clear the previous occupant's cell") {
+  // Task 1 is taken; its cell stays as it was (head has passed it). Task 1
+  // again reuses the same bucket and stalls before taking a ticket, and
+  // cancel(1) claims it there. The bucket's ticket field must not still name
+  // the old cell: a cancel that cleared that stale cell would free the bucket
+  // while its producer goes on to publish it.
+  Scheduler s(SchedulerConfig{.max_queue_size = 8, .priority_scheduling = false});
+  REQUIRE_FALSE(s.schedule(ScheduledTask(1, 10)));
+  REQUIRE(next_task(s) == 1);
+  {
+    Stall stall(/*before=*/true);
+    std::thread a([&] { REQUIRE_FALSE(s.schedule(ScheduledTask(1, 10))); });
+    stall.wait_held();
+    const auto c = s.cancel(1);
+    REQUIRE(c);
+    CHECK(c->id == 1);
+    stall.release();
+    a.join();
+  }
+  CHECK(s.len() == 0);
+  // No next() or peek() here: either would pass over a bogus cell. The bug
+  // shows when the bucket is queued again behind it: task 1 would come out
+  // first, from the cell its cancelled predecessor published.
+  REQUIRE_FALSE(s.schedule(ScheduledTask(5, 10)));
+  REQUIRE_FALSE(s.schedule(ScheduledTask(1, 10)));  // the same bucket once more
+  CHECK(next_task(s) == 5);                       // FIFO: 5 was scheduled first
+  CHECK(next_task(s) == 1);
+  CHECK_FALSE(s.next());
+  CHECK(s.len() == 0);
+}
+
 TEST_CASE("a ticket given up by a stalled producer is skipped on every later lap") {
   // A queue of two: its ring is small (128 cells), so laps come quickly.
   Scheduler s(SchedulerConfig::with_max_queue(2));
@@ -198,7 +229,7 @@ TEST_CASE("a cancel that misses the cell of a task published late leaves no tomb
   // finds no cell yet; the producer then publishes it and must clear it itself.
   // With a peeked, never-taken head holding every ring still, a tombstone left
   // behind would keep its bucket forever: 600 of them fill the table of a queue
-  // of one (512 buckets), and schedule() would spin. A watchdog turns that hang
+  // of two (134 buckets), and schedule() would spin. A watchdog turns that hang
   // into a failure.
   Scheduler s(SchedulerConfig::with_max_queue(2));
   REQUIRE_FALSE(s.schedule(ScheduledTask(1, 10).with_priority(Priority::Critical)));
