@@ -188,6 +188,55 @@ TEST_CASE("the real targets pass the runs that fail the broken ones" * doctest::
 #endif
 }
 
+TEST_CASE("reused ids: a lost task is reported as its id's accepted and removed counts") {
+  const auto seed = tgi_test::seed();
+  MESSAGE("seed=" << seed);
+  auto c = config(st::Target::BrokenDropping, 4, 20000, seed);
+  c.drop_every = 100;
+  c.reuse_ids = 200;  // ids 100 and 200 are dropped
+  const auto r = st::run(c);
+  INFO(describe(r));
+  REQUIRE_FALSE(r.ok());
+  REQUIRE(r.stat("dropped_by_target") > 0);
+  const st::Violation* v = first_of(r, "conservation");
+  REQUIRE(v != nullptr);
+  REQUIRE(v->ids.size() == 1);
+  CHECK((v->ids[0] == 100 || v->ids[0] == 200));
+  CHECK(v->detail.find("id " + std::to_string(v->ids[0]) + " was accepted") != std::string::npos);
+  CHECK(v->detail.find("left 0 times") != std::string::npos);
+  REQUIRE(v->calls.size() == 1);
+  CHECK(v->calls[0].id == v->ids[0]);
+}
+
+TEST_CASE("reused ids: the real scheduler conserves every id while cancels meet schedules of their id" * doctest::test_suite("stress")) {
+  const auto seed = tgi_test::seed();
+  const std::uint64_t scale = std::max<std::uint64_t>(1, tgi_test::iterations(20000) / 20000);
+  MESSAGE("seed=" << seed << " scale=" << scale);
+  for (const bool fifo : {false, true}) {
+    auto c = config(st::Target::Scheduler, 4, 40000 * scale, seed);
+    c.fifo = fifo;
+    c.capacity = 8;
+    c.reuse_ids = 12;
+    c.mix = st::parse_mix(c.target, "schedule=45,next=20,peek=5,cancel=29,clear=1");
+    const auto r = st::run(c);
+    INFO(describe(r));
+    CHECK(r.ok());
+    CHECK(r.stat("tasks_accepted") > 0);
+    const auto cancels = std::find_if(r.ops.begin(), r.ops.end(), [](const st::OpStats& o) { return o.name == "cancel"; });
+    REQUIRE(cancels != r.ops.end());
+    CHECK(cancels->ok > 0);  // cancels found tasks
+  }
+  {
+    auto c = config(st::Target::Scheduler, 2, 4000, seed);
+    c.reuse_ids = 5;
+    c.capacity = 1;
+    CHECK(st::run(c).ok());
+  }
+  auto bad = config(st::Target::Pool, 2, 100, seed);
+  bad.reuse_ids = 4;
+  CHECK_THROWS_AS(st::run(bad), std::invalid_argument);
+}
+
 TEST_CASE("a run longer than one log is checked in epochs, each drained and complete") {
   const auto seed = tgi_test::seed();
   auto c = config(st::Target::Scheduler, 2, 4000, seed);

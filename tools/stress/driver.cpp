@@ -117,6 +117,12 @@ Report run(Config config) {
   if (config.seconds == 0 && config.ops == 0) throw std::invalid_argument("give a duration or an operation count");
   if (config.max_events < 64) throw std::invalid_argument("max_events must be at least 64");
   if (config.drop_every == 0) throw std::invalid_argument("drop_every must be positive");
+  if (config.reuse_ids != 0) {
+    if (config.target != Target::Scheduler && config.target != Target::BrokenMoodycamel && config.target != Target::BrokenDropping) {
+      throw std::invalid_argument("reuse_ids applies to the scheduler targets only");
+    }
+    if (config.reuse_ids > (std::size_t{1} << 20)) throw std::invalid_argument("reuse_ids must be at most 1048576");
+  }
   if (config.mix.empty()) config.mix = default_mix(config.target);
   if (config.mix.size() != default_mix(config.target).size()) throw std::invalid_argument("the mix does not match the target's ops");
   Report r;

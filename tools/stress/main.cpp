@@ -39,6 +39,10 @@ int main(int argc, char** argv) {
   app.add_option("-c,--capacity", cfg.capacity, "queue size (scheduler targets), blocks (pool), device blocks (engine); 0: default")
       ->capture_default_str();
   app.add_flag("--fifo", cfg.fifo, "priority scheduling off: one FIFO over all tasks");
+  app.add_option("--reuse-ids", cfg.reuse_ids,
+                 "scheduler targets: schedule and cancel only the ids 1..N, reused at once by every thread (cancels meet "
+                 "schedules of their id in flight); checks per-id conservation instead of ordering; 0: off")
+      ->capture_default_str();
   auto* seed_opt = app.add_option("--seed", seed, "random seed (default: a fresh one, printed)");
   app.add_option("--json", json_path, "also write the summary as JSON to this file");
   app.add_option("--max-events", cfg.max_events, "events (ops) per thread between checking pauses; bounds memory (~100 B/event/thread)")

@@ -67,8 +67,13 @@ class SchedulerRun {
                 {"capacity", cfg_.capacity},
                 {"drained_at_pauses", drained_}};
     if (q_.dropped()) r_.stats.emplace_back("dropped_by_target", q_.dropped());
+    if (reuse()) {
+      r_.notes.push_back("ids 1.." + std::to_string(cfg_.reuse_ids) +
+                         " reused: each epoch checks per id that accepted schedules equal removals (ordering needs unique ids)");
+    }
     if (r_.epochs > 1) {
-      r_.notes.push_back("history checked in " + std::to_string(r_.epochs) + " epochs of at most " + std::to_string(cfg_.max_events) +
+      r_.notes.push_back(std::string(reuse() ? "ids counted" : "history checked") + " in " + std::to_string(r_.epochs) +
+                         " epochs of at most " + std::to_string(cfg_.max_events) +
                          " events per thread; the queue is drained with clear() at each pause, so every epoch's history is complete");
     }
     found_.finish(r_);
@@ -84,6 +89,40 @@ class SchedulerRun {
     std::size_t max_len = 0;
     std::uint64_t full = 0;
   };
+
+  bool reuse() const { return cfg_.reuse_ids != 0; }
+  TaskId reused_id(Worker& me) const { return 1 + me.rng() % cfg_.reuse_ids; }
+
+  // --reuse-ids: with every worker parked and the queue drained, each id must
+  // have left exactly as often as it was accepted in this epoch.
+  void check_per_id() {
+    std::vector<std::uint64_t> accepted(cfg_.reuse_ids + 1, 0), removed(cfg_.reuse_ids + 1, 0);
+    std::vector<const Event*> last(cfg_.reuse_ids + 1, nullptr);
+    auto count = [&](const ThreadLog& log) {
+      for (const Event& e : log) {
+        ++events_checked_;
+        if (!e.ok || e.op == Op::Peek) continue;
+        if (e.id == 0 || e.id > cfg_.reuse_ids) {
+          found_.add(make_violation("conservation", HistoryChecker::name(e.op) + at(e.start, e.end) + " returned task " +
+                                                        std::to_string(e.id) + ", an id never scheduled",
+                                    {e.id}, {ref(e)}));
+          continue;
+        }
+        (e.op == Op::Schedule ? accepted : removed)[e.id] += 1;
+        if (!last[e.id] || e.start > last[e.id]->start) last[e.id] = &e;
+      }
+    };
+    for (const auto& w : workers_) count(w.log);
+    count(drain_log_);
+    for (TaskId id = 1; id <= cfg_.reuse_ids; ++id) {
+      if (accepted[id] == removed[id]) continue;
+      std::vector<CallRef> calls;
+      if (last[id]) calls.push_back(ref(*last[id]));
+      found_.add(make_violation("conservation", "id " + std::to_string(id) + " was accepted " + std::to_string(accepted[id]) +
+                                                    " times and left " + std::to_string(removed[id]) + " times in this epoch",
+                                {id}, std::move(calls)));
+    }
+  }
 
   ScheduledTask make_task(TaskId id) const {
     const std::uint64_t h = mix64(id ^ cfg_.seed);
@@ -121,7 +160,7 @@ class SchedulerRun {
       bool ok = false;
       switch (op) {
         case kSchedule: {
-          const TaskId id = q_.next_id();
+          const TaskId id = reuse() ? reused_id(me) : q_.next_id();
           const ScheduledTask t = make_task(id);
           std::error_code ec;
           tgi_test::record(clock_, me.log, Op::Schedule, [&](Event& e) {
@@ -132,13 +171,13 @@ class SchedulerRun {
           });
           ok = !ec;
           if (ec == ScheduleError::QueueFull) ++me.full;
-          if (ec && ec != ScheduleError::QueueFull) {
+          if (ec && ec != ScheduleError::QueueFull && !(reuse() && ec == ScheduleError::DuplicateId)) {
             found_.add(make_violation("duplicate", "schedule(" + std::to_string(id) + ")" + at(me.log.back().start, me.log.back().end) +
                                                         " failed with '" + ec.message() + "' for an id never scheduled before",
                                       {id}, {ref(me.log.back())}));
             stop_.store(true);
           }
-          recent_[id % kRecent].store(id, std::memory_order::relaxed);  // relaxed: a hint for cancel, any value will do
+          if (!reuse()) recent_[id % kRecent].store(id, std::memory_order::relaxed);  // relaxed: a hint for cancel, any value will do
           break;
         }
         case kNext:
@@ -153,7 +192,7 @@ class SchedulerRun {
           break;
         }
         case kCancel: {
-          TaskId id = recent_[me.rng() % kRecent].load(std::memory_order::relaxed);  // relaxed: a hint only
+          TaskId id = reuse() ? reused_id(me) : recent_[me.rng() % kRecent].load(std::memory_order::relaxed);  // relaxed: a hint only
           if (id == 0) id = 1;
           std::optional<ScheduledTask> t;
           tgi_test::record(clock_, me.log, Op::Cancel, [&](Event& e) {
@@ -212,6 +251,11 @@ class SchedulerRun {
     if (const std::size_t left = q_.len(); left != 0) {
       found_.add(make_violation("len", "len() is " + std::to_string(left) + " after clear()" + at(t0, t1) + " emptied the queue", {},
                                 {{"clear", 0, t0, t1}}));
+    }
+    if (reuse()) {
+      check_per_id();
+      for (auto& w : workers_) w.log.clear();
+      return !found_.any();
     }
     HistoryChecker checker(!cfg_.fifo);
     for (const auto& w : workers_) checker.add(w.log);

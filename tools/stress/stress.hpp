@@ -53,6 +53,11 @@ struct Config {
   std::size_t capacity = 0;
   /// Scheduler and Engine: priority_scheduling off (one FIFO over all tasks).
   bool fifo = false;
+  /// Scheduler targets: 0, or draw every schedule's and cancel's id from the
+  /// ids 1..reuse_ids (reused at once by all threads) instead of next_id().
+  /// Ordering needs unique ids, so each epoch then checks, per id, that its
+  /// accepted schedules equal its removals (and len() after the drain).
+  std::size_t reuse_ids = 0;
   std::uint64_t seed = 1;
   /// Events (or operations) each thread records before the run pauses to check
   /// the history and empty the logs. Bounds memory: about 100 bytes an event
