@@ -694,7 +694,10 @@ class EngineCore {
       }
       const bool alone = cost > budget;
       if (alone ? served != 0 : cost > budget - used) return;
-      if (!paused && free_slots_.empty()) return;  // E4 makes this unreachable
+      // Unreachable by E4 alone; parked tasks (park in admit_waiting) sit
+      // outside it, and if more than kSpareSlots of them hold slots,
+      // admissions wait here until one frees.
+      if (!paused && free_slots_.empty()) return;
       if (!fits(need) && !make_room(level, need)) return;
       if (paused) {
         resume(ps);
@@ -767,7 +770,8 @@ class EngineCore {
       // park: between our peek and our take, the task was cancelled and an
       // equal id re-submitted with other fields. It is out of waiting_ now
       // and may not fit; keep it as a paused task that never ran (resumed
-      // later as an admission), first among paused tasks of its level.
+      // later as an admission), after the paused tasks of its level (its
+      // stamp, taken at registration, is the newest).
       r.never_ran = true;
       r.recompute = true;
       insert_paused(s);
