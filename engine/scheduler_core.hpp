@@ -125,9 +125,9 @@
 //       schedule() returns (the canceller reads the ticket after its claim, the
 //       producer re-reads the state after its publish: one of them sees the
 //       other; the ticket read is this task's or none, never a previous
-//       occupant's, as claim_bucket resets it while FILLING). So buckets in use <= queued tasks + calls in flight, and
-//       M = 2(N + 65) keeps the table about half full at most, whatever the
-//       cancel pattern.
+//       occupant's, as claim_bucket resets it while FILLING). So buckets in
+//       use <= queued tasks + calls in flight, and M = 2(N + 65) keeps the
+//       table about half full at most, whatever the cancel pattern.
 //
 // ===========================================================================
 // Linearization points

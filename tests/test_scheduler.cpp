@@ -218,7 +218,7 @@ TEST_CASE("runs of ids that wrap around the end of a small index are found") {
   // end of the table; 20,000 runs cross it about a thousand times.
   Scheduler s(SchedulerConfig::with_max_queue(8));
   for (TaskId run = 0; run < 20000; ++run) {
-    const TaskId first = run * 8 + 1;
+    const TaskId first = run * 8;  // one run: ids 8r .. 8r + 7
     for (TaskId id = first; id < first + 8; ++id) REQUIRE_FALSE(s.schedule(task(id)));
     REQUIRE(s.schedule(task(first)) == ScheduleError::QueueFull);
     REQUIRE(got(s.cancel(first + 7)).id == first + 7);

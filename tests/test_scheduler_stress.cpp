@@ -245,6 +245,7 @@ TEST_SUITE("stress") {
       std::vector<std::thread> pool;
       for (unsigned w = 0; w < kThreads; ++w) pool.emplace_back(worker, w);
       for (auto& t : pool) t.join();
+      // relaxed (here and below): the threads are joined.
       for (const auto& t : s.clear()) removed[index_of(t.id)].fetch_add(1, std::memory_order::relaxed);
       CHECK(s.len() == 0);
       CHECK_FALSE(s.next());

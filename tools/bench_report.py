@@ -36,7 +36,6 @@ QUEUE_BASELINES = ("seed_mutex", "atomic_queue1")
 POOL_BASELINE = "mutex_vector"
 PROJECT = "tgi_gtc"
 MUTEX_QUEUES = ("seed_mutex", "mutex_deques")
-MUTEX_POOLS = ("mutex_vector", "mutex_deque")
 LOCKFREE_PRIORITY_PEERS = ("boost_lockfree4", "moodycamel4", "atomic_queue4")
 
 WORKLOAD_TEXT = {

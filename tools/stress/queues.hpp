@@ -92,7 +92,9 @@ class DroppingQueue {
   std::error_code schedule(unsigned, const ScheduledTask& t) {
     std::lock_guard lock(mutex_);
     if (size_ >= capacity_) return ScheduleError::QueueFull;
-    // No DuplicateId check: the harness never schedules an id twice.
+    // No DuplicateId check: a fresh id is never scheduled twice, and with
+    // --reuse-ids a duplicate accepted here is counted, and must leave, like
+    // any other task (the per-id conservation check still holds).
     if (t.id % drop_every_ == 0) {
       ++dropped_;
       return {};
