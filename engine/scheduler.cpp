@@ -351,10 +351,13 @@ bool SchedulerCore::reclaim_cell(std::atomic<std::uint64_t>& cell, std::uint64_t
 // next / peek / clear
 // ---------------------------------------------------------------------------
 
-bool SchedulerCore::only_unpublished(const Ring& ring, std::uint64_t from, std::uint64_t to) noexcept {
+bool SchedulerCore::only_unpublished(const Ring& ring, std::uint64_t from, std::uint64_t to,
+                                     std::uint64_t* words) noexcept {
   if (to - from > kOpenWindow) return false;
   for (std::uint64_t x = from; x < to; ++x) {
-    if (published_at(ring.cells[x & ring.mask].load(), x, ring.shift)) return false;
+    const std::uint64_t w = ring.cells[x & ring.mask].load();
+    if (published_at(w, x, ring.shift)) return false;
+    if (words != nullptr) words[x - from] = w;
   }
   return true;
 }
@@ -446,12 +449,7 @@ std::optional<ScheduledTask> SchedulerCore::take(bool remove) noexcept {
           heads[j] = g.head.load();
           tails[j] = g.tail.load();
           if (heads[j] >= tails[j]) continue;
-          if (tails[j] - heads[j] > kOpenWindow) return false;
-          for (std::uint64_t x = heads[j]; x < tails[j]; ++x) {
-            const std::uint64_t w = g.cells[x & g.mask].load();
-            if (published_at(w, x, g.shift)) return false;
-            words[j][x - heads[j]] = w;
-          }
+          if (!only_unpublished(g, heads[j], tails[j], words[j])) return false;
         }
         bool stable = true;
         for (std::size_t j = 0; j < seen_count && stable; ++j) {

@@ -239,7 +239,9 @@ class SchedulerCore {
                  std::optional<ScheduledTask>& out) noexcept;
   /// Whether tickets [from, to) are at most kOpenWindow and none of their
   /// cells holds a task published at that ticket (a snapshot, not atomic).
-  static bool only_unpublished(const Ring& ring, std::uint64_t from, std::uint64_t to) noexcept;
+  /// With `words`, stores the cell words read there (for a second collect).
+  static bool only_unpublished(const Ring& ring, std::uint64_t from, std::uint64_t to,
+                               std::uint64_t* words = nullptr) noexcept;
   /// Replaces cell word `w`, which holds a CANCELLED bucket, by `with`; the
   /// winner of the CAS frees the bucket. Returns whether it won.
   bool reclaim_cell(std::atomic<std::uint64_t>& cell, std::uint64_t w, std::uint64_t with) noexcept;
