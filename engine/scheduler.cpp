@@ -471,7 +471,9 @@ std::optional<ScheduledTask> SchedulerCore::take(bool remove) noexcept {
       }
     }
     // Empty: all rings empty at one instant (the double collect).
-    if (!retry && validate()) return std::nullopt;
+    // Every return names `out`, so it is built in the caller's result, not
+    // copied there.
+    if (!retry && validate()) return out;
   }
 }
 
