@@ -161,7 +161,11 @@ std::uint64_t SchedulerCore::home_of(TaskId id, std::uint64_t run) const noexcep
   return wrap(((run * table_size_) >> 32) + (id & (kHomeRun - 1)));
 }
 
-void SchedulerCore::prefetch_run(TaskId first) const noexcept {
+// Both prefetch helpers are always inlined. A call to a function whose only
+// effects are prefetches is dead code to a compiler that may look into it
+// (the library is built without semantic interposition): GCC 12 deleted
+// every call to prefetch_run until it was inlined.
+[[gnu::always_inline]] inline void SchedulerCore::prefetch_run(TaskId first) const noexcept {
   const std::uint64_t home = home_of(first, id_hash(first).run);
   __builtin_prefetch(&reach_[home], 0);  // mostly read
   __builtin_prefetch(&reach_[wrap(home + kHomeRun - 1)], 0);
@@ -170,7 +174,7 @@ void SchedulerCore::prefetch_run(TaskId first) const noexcept {
   __builtin_prefetch(&table_[wrap(home + kHomeRun - 1)], 1);
 }
 
-void SchedulerCore::prefetch_ahead(const Ring& ring, std::uint64_t h, std::uint64_t t) const noexcept {
+[[gnu::always_inline]] inline void SchedulerCore::prefetch_ahead(const Ring& ring, std::uint64_t h, std::uint64_t t) const noexcept {
   // A deep queue's next tasks were scheduled long ago: their cells and
   // buckets are likely out of the cache. Fetch the next line of cells, and
   // the bucket two tasks ahead (its cell is in a line fetched earlier).
