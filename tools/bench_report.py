@@ -487,7 +487,7 @@ def engine_table(res: Results) -> str:
             table(["benchmark", "median", "p99", "max", "allocs/step", "repetitions"], rows))
 
 
-def write_report(res: Results, out: Path, meta: dict) -> Path:
+def write_report(res: Results, out: Path, meta: dict, rerendered_at: str | None = None) -> Path:
     ctx = res.context
     hw = int(ctx.get("tgi_hardware_threads") or ctx.get("num_cpus") or os.cpu_count() or 1)
     model = ctx.get("tgi_cpu_model", meta.get("machine", "unknown"))
@@ -499,6 +499,11 @@ def write_report(res: Results, out: Path, meta: dict) -> Path:
         f"- Commit: `{meta.get('commit', '?')}`{' (uncommitted changes)' if meta.get('dirty') else ''}; "
         f"run {meta.get('started', ctx.get('date', '?'))}, {meta.get('wall_s', 0):.0f} s",
         f"- Command: `{meta.get('command', '?')}`",
+    ]
+    if rerendered_at:
+        lines.append(f"- Rendered again from raw.json by `tools/bench_report.py --report-only` at commit "
+                     f"`{rerendered_at}`: the goal verdicts are that script's, the figures the run's.")
+    lines += [
         f"- Load average (1, 5, 15 min) before the run {fmt_load(meta.get('loadavg_before'))}, after "
         f"{fmt_load(meta.get('loadavg_after'))}: above the hardware thread count, other work shared the CPUs.",
         f"- Thread counts {ctx.get('tgi_thread_counts', '?')}; each figure is the median of {reps} repetitions "
@@ -666,7 +671,7 @@ def main() -> None:
         raw_path = run_suite(args, out)
         meta = json.loads((out / "meta.json").read_text())
     res = Results(json.loads(raw_path.read_text()))
-    report = write_report(res, out, meta)
+    report = write_report(res, out, meta, git("rev-parse", "--short=10", "HEAD") or "nogit" if args.report_only else None)
     plots = write_plots(res, out)
     print(f"bench_report: wrote {raw_path}, {report}" + "".join(f", {p}" for p in plots))
 
