@@ -26,6 +26,13 @@
 //        ticket                    ring position of the current publish try;
 //                                  reset to none (kNoTicket) while FILLING
 //   reach_[h] = how many buckets from h an entry whose home is h may sit in.
+//   It only grows (shrinking it would race with claims in flight), so a
+//   schedule() or cancel() scans the widest range any id of that home ever
+//   needed, and that widens slowly with churn. One thread, capacity 16,384,
+//   schedule+next pairs: mean reach 8.3 buckets after 5 M pairs at depth
+//   10,000 and 11.6 after 50 M; 22.7 (max 172) after 20 M at depth 16,000.
+//   (Prefetching the lines past a run that its reach covers did not help:
+//   one thread, interleaved runs, depth 10,000 and near-full.)
 //   Buckets are 32 B and 32-byte aligned: two a line, none across two.
 //
 //   Prefetches (hints only; nothing depends on them): a schedule() whose id
