@@ -174,7 +174,8 @@ std::uint64_t SchedulerCore::home_of(TaskId id, std::uint64_t run) const noexcep
   __builtin_prefetch(&table_[wrap(home + kHomeRun - 1)], 1);
 }
 
-[[gnu::always_inline]] inline void SchedulerCore::prefetch_ahead(const Ring& ring, std::uint64_t h, std::uint64_t t) const noexcept {
+[[gnu::always_inline]] inline void SchedulerCore::prefetch_ahead(const Ring& ring, std::uint64_t h,
+                                                                 std::uint64_t t) const noexcept {
   // A deep queue's next tasks were scheduled long ago: their cells and
   // buckets are likely out of the cache. Fetch the next line of cells, and
   // the bucket two tasks ahead (its cell is in a line fetched earlier).

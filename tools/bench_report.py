@@ -671,7 +671,8 @@ def main() -> None:
         raw_path = run_suite(args, out)
         meta = json.loads((out / "meta.json").read_text())
     res = Results(json.loads(raw_path.read_text()))
-    report = write_report(res, out, meta, git("rev-parse", "--short=10", "HEAD") or "nogit" if args.report_only else None)
+    rerendered_at = (git("rev-parse", "--short=10", "HEAD") or "nogit") if args.report_only else None
+    report = write_report(res, out, meta, rerendered_at)
     plots = write_plots(res, out)
     print(f"bench_report: wrote {raw_path}, {report}" + "".join(f", {p}" for p in plots))
 
