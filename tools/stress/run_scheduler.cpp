@@ -254,9 +254,15 @@ class SchedulerRun {
     }
     if (reuse()) {
       check_per_id();
-      for (auto& w : workers_) w.log.clear();
-      return !found_.any();
+    } else {
+      check_history();
     }
+    for (auto& w : workers_) w.log.clear();  // keeps the capacity
+    return !found_.any();
+  }
+
+  // The epoch's history (unique ids): ordering, conservation, cancels.
+  void check_history() {
     HistoryChecker checker(!cfg_.fifo);
     for (const auto& w : workers_) checker.add(w.log);
     checker.add(drain_log_);
@@ -272,8 +278,6 @@ class SchedulerRun {
       found_.add(std::move(v), false);
     }
     for (const auto& [kind, n] : findings.counts) found_.add_count(kind, n);
-    for (auto& w : workers_) w.log.clear();  // keeps the capacity
-    return !found_.any();
   }
 
   const Config& cfg_;
