@@ -292,6 +292,14 @@ def fmt_load(v):
     return "?" if not v else ", ".join(f"{x:.1f}" for x in v)
 
 
+def load_warning(meta: dict, hw: int) -> str:
+    """A warning when the machine was busy before the run (1-minute load at least half its threads)."""
+    before = meta.get("loadavg_before")
+    if not before or before[0] < hw / 2:
+        return ""
+    return ": other work ran on the machine shortly before or during the run"
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -503,9 +511,12 @@ def write_report(res: Results, out: Path, meta: dict, rerendered_at: str | None 
     if rerendered_at:
         lines.append(f"- Rendered again from raw.json by `tools/bench_report.py --report-only` at commit "
                      f"`{rerendered_at}`: the goal verdicts are that script's, the figures the run's.")
+    # Notes added to meta.json by hand, for what the script cannot know (where
+    # the binary was built, what ran before it).
+    lines += [f"- Note: {n}" for n in meta.get("notes", [])]
     lines += [
         f"- Load average (1, 5, 15 min) before the run {fmt_load(meta.get('loadavg_before'))}, after "
-        f"{fmt_load(meta.get('loadavg_after'))}: above the hardware thread count, other work shared the CPUs.",
+        f"{fmt_load(meta.get('loadavg_after'))} (the run's own threads raise the second){load_warning(meta, hw)}.",
         f"- Thread counts {ctx.get('tgi_thread_counts', '?')}; each figure is the median of {reps} repetitions "
         f"of a {float(ctx.get('tgi_duration_ms', 0)):.0f} ms fixed-duration run; max is the largest over them.",
         f"- Latency figures include the timer's own cost, {float(ctx.get('tgi_timer_overhead_ns', 0)):.0f} ns "
