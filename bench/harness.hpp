@@ -375,7 +375,8 @@ inline void report_common(benchmark::State& state, const RunBase& run, bool time
     state.counters["lat_samples"] = static_cast<double>(all.count());
     // Involuntary context switches per 1,000 timed calls: an upper bound on
     // the share of calls that a preemption cut (one may also fall between two
-    // calls). Above 1, the p99.9 is the latency of a preempted call.
+    // calls). Above 1, with loops that spend nearly all their time inside calls,
+    // the p99.9 is likely the latency of a preempted call.
     state.counters["preempted_per_kcall"] =
         all.count() > 0 ? 1000.0 * static_cast<double>(t.preemptions) / static_cast<double>(all.count()) : 0.0;
   }

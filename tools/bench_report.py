@@ -416,7 +416,7 @@ def goals(res: Results, hw: int) -> list[list[str]]:
         out.append([f"{where}: p99.9 <= 1/10 of the mutex peers'",
                     f"{fmt_ns(p999)} vs {', '.join(fmt_ns(m) for m in mut) or '-'}"
                     + (f" (preempted calls: at most {fmt_num(cut)} in 1,000"
-                       f"{'; above 1, the p99.9 is a preempted call' if cut > 1 else ''})" if cut is not None else ""),
+                       f"{'; above 1, the p99.9 is likely a preempted call' if cut > 1 else ''})" if cut is not None else ""),
                     verdict(None if p999 is None or not mut else p999 <= min(mut) / 10)])
         fair = med(w, PROJECT, "tput", n_over, "fairness")
         lat_fair = med(w, PROJECT, "lat", n_over, "fairness")
@@ -546,7 +546,7 @@ def write_report(res: Results, out: Path, meta: dict, rerendered_at: str | None 
               "all threads per item: for one thread the cost without waiting for a CPU), throughput ratio to "
               "seed_mutex and to atomic_queue1 at the same thread count, per-call latency percentiles, "
               "preempted /1k calls (the timed run's involuntary context switches per 1,000 calls: at most that "
-              "many calls carry a preemption's wait in their latency; above 1, the p99.9 is such a call), "
+              "many calls carry a preemption's wait in their latency; above 1, the p99.9 is likely such a call), "
               "fairness of the timed run, heap allocations per item.", ""]
     for w in QUEUE_ORDER:
         if not res.peers(w):
