@@ -168,12 +168,12 @@ struct alignas(64) ThreadStats {
   std::uint64_t cancelled = 0;  ///< tasks returned by cancel()
   std::uint64_t aux0 = 0;       ///< workload-specific (see each loop)
   std::uint64_t aux1 = 0;
-  std::uint64_t start = 0;   ///< ticks at loop entry
-  std::uint64_t end = 0;     ///< ticks at loop exit
-  std::uint64_t allocs = 0;  ///< heap allocations made inside the loop
-  std::uint64_t cpu_ns = 0;  ///< CPU time the thread used inside the loop
+  std::uint64_t start = 0;        ///< ticks at loop entry
+  std::uint64_t end = 0;          ///< ticks at loop exit
+  std::uint64_t allocs = 0;       ///< heap allocations made inside the loop
+  std::uint64_t cpu_ns = 0;       ///< CPU time the thread used inside the loop
   std::uint64_t preemptions = 0;  ///< involuntary context switches inside the loop
-  int role = 0;              ///< fairness is computed within a role
+  int role = 0;                   ///< fairness is computed within a role
 };
 
 /// State shared by the threads of one run: results, histograms, stop flag.

@@ -413,10 +413,12 @@ def goals(res: Results, hw: int) -> list[list[str]]:
         p999 = med(w, PROJECT, "lat", n_over, "p999_ns")
         mut = [m for m in (med(w, m, "lat", n_over, "p999_ns") for m in MUTEX_QUEUES) if m]
         cut = med(w, PROJECT, "lat", n_over, "preempted_per_kcall")
+        cut_note = ""
+        if cut is not None:
+            likely = "; above 1, the p99.9 is likely a preempted call" if cut > 1 else ""
+            cut_note = f" (preempted calls: at most {fmt_num(cut)} in 1,000{likely})"
         out.append([f"{where}: p99.9 <= 1/10 of the mutex peers'",
-                    f"{fmt_ns(p999)} vs {', '.join(fmt_ns(m) for m in mut) or '-'}"
-                    + (f" (preempted calls: at most {fmt_num(cut)} in 1,000"
-                       f"{'; above 1, the p99.9 is likely a preempted call' if cut > 1 else ''})" if cut is not None else ""),
+                    f"{fmt_ns(p999)} vs {', '.join(fmt_ns(m) for m in mut) or '-'}{cut_note}",
                     verdict(None if p999 is None or not mut else p999 <= min(mut) / 10)])
         fair = med(w, PROJECT, "tput", n_over, "fairness")
         lat_fair = med(w, PROJECT, "lat", n_over, "fairness")
