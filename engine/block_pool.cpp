@@ -238,29 +238,38 @@ bool BlockPool::try_allocate(std::span<BlockId> out) noexcept {
   }
 }
 
+bool BlockPool::retain_one(BlockId id) noexcept {
+  if (id >= num_blocks_) return false;
+  std::atomic<std::uint32_t>& count = counts_[id];
+  // Relaxed: a first guess for the CAS, which re-reads.
+  std::uint32_t c = count.load(std::memory_order::relaxed);
+  do {
+    // I1: never from 0 (a free or in-flight block); never overflow.
+    if (c == 0 || c == std::numeric_limits<std::uint32_t>::max()) return false;
+    // (R) relaxed: the caller already holds a reference; nothing to publish.
+  } while (!count.compare_exchange_weak(c, c + 1, std::memory_order::relaxed, std::memory_order::relaxed));
+  return true;
+}
+
 void BlockPool::retain(std::span<const BlockId> blocks) noexcept {
   std::size_t invalid = 0;
-  for (const BlockId id : blocks) {
-    if (id >= num_blocks_) {
-      ++invalid;
-      continue;
-    }
-    std::atomic<std::uint32_t>& count = counts_[id];
-    // Relaxed: a first guess for the CAS, which re-reads.
-    std::uint32_t c = count.load(std::memory_order::relaxed);
-    bool ok = true;
-    do {
-      // I1: never from 0 (a free or in-flight block); never overflow.
-      if (c == 0 || c == std::numeric_limits<std::uint32_t>::max()) {
-        ok = false;
-        break;
-      }
-      // (R) relaxed: the caller already holds a reference; nothing to publish.
-    } while (!count.compare_exchange_weak(c, c + 1, std::memory_order::relaxed, std::memory_order::relaxed));
-    if (!ok) ++invalid;
-  }
+  for (const BlockId id : blocks) invalid += retain_one(id) ? 0 : 1;
   // Relaxed: a statistic, orders nothing.
   if (invalid != 0) invalid_.value.fetch_add(invalid, std::memory_order::relaxed);
+}
+
+bool BlockPool::try_retain(std::span<const BlockId> blocks) noexcept {
+  for (std::size_t i = 0; i < blocks.size(); ++i) {
+    if (retain_one(blocks[i])) continue;
+    // Give back the references taken so far. Through release(): if someone
+    // dropped the caller's reference meanwhile (a misuse), ours may be the
+    // last, and then the block must be freed, not left at count 0 and set.
+    static_cast<void>(release(blocks.first(i)));
+    // Relaxed: a statistic, orders nothing.
+    invalid_.value.fetch_add(1, std::memory_order::relaxed);
+    return false;
+  }
+  return true;
 }
 
 std::size_t BlockPool::release(std::span<const BlockId> blocks) noexcept {
@@ -396,7 +405,12 @@ bool BlockAllocation::extend(std::size_t new_total_tokens) {
 BlockAllocation BlockAllocation::share() const {
   if (pool_ == nullptr) return {};
   std::vector<BlockId> copy(blocks_);  // may throw: before any reference is taken
-  pool_->retain(copy);
+  // All or nothing: a fork that owned a block without holding a reference
+  // would drop someone else's when destroyed.
+  if (!pool_->try_retain(copy)) {
+    throw std::overflow_error("BlockAllocation::share: a block has UINT32_MAX references already (or is no "
+                              "longer held by this allocation)");
+  }
   return BlockAllocation(pool_, block_size_, std::move(copy), tokens_);
 }
 

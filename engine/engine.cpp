@@ -82,6 +82,20 @@
 //   - For growth, victims ordered before the task itself are preempted only
 //     if together they make room; otherwise the task itself is paused (when
 //     preemptible), else it stalls.
+//
+// ===========================================================================
+// Running out of memory (std::bad_alloc)
+// ===========================================================================
+//   Every decision of a step (preempt, resume, admit) and every growth first
+//   obtains all the memory it needs (block lists, copy lists, plan entries,
+//   the deficit list: reserve() or a recycled vector), then changes state
+//   with no allocation left to fail. So a throw leaves no half-made decision.
+//   step() catches std::bad_alloc: with nothing decided yet it rethrows
+//   (cancels drained and growth served so far need no plan entry); after a
+//   decision it returns the plan made so far, every entry complete, and
+//   counts the step in cut_short_, because a preemption's swap-out must
+//   reach the caller. append_tokens restores the task's token count and
+//   rethrows: nothing changed.
 #include <algorithm>
 #include <atomic>
 #include <bit>
@@ -140,14 +154,41 @@ struct List {
   std::uint32_t size = 0;
 };
 
+// Capacity for `extra` more elements, growing geometrically. May throw
+// std::bad_alloc; afterwards that many push_backs allocate nothing.
+template <class T>
+void room_for(std::vector<T>& v, std::size_t extra) {
+  if (v.capacity() - v.size() >= extra) return;
+  v.reserve(std::max(v.size() + extra, 2 * v.capacity()));
+}
+
+// Keeps `v`'s buffer for a later plan. If the spare list cannot grow, the
+// buffer is simply freed (push_back leaves `v` untouched when it throws).
+template <class T>
+void keep_spare(std::vector<std::vector<T>>& spares, std::vector<T>&& v) noexcept {
+  if (v.capacity() == 0) return;
+  try {
+    spares.push_back(std::move(v));
+  } catch (const std::bad_alloc&) {
+  }
+}
+
 std::string field_error(const char* field, const char* what) {
   return std::string("EngineConfig::") + field + " " + what;
 }
 
+std::uint32_t level_count(const EngineConfig& c) {
+  return c.scheduler.priority_scheduling ? static_cast<std::uint32_t>(kPriorityCount) : 1;
+}
+
+// The largest waiting queue: live_ (a Scheduler, at most kMaxQueueSize) holds
+// every waiting id plus the running and paused ones (slots) plus kLiveSlack.
+std::size_t max_waiting(const EngineConfig& c) {
+  const std::size_t slots = std::size_t{level_count(c)} * c.max_running + kSpareSlots;
+  return kMaxQueueSize - slots - kLiveSlack;
+}
+
 const EngineConfig& checked(const EngineConfig& c) {
-  if (c.scheduler.max_queue_size == 0 || c.scheduler.max_queue_size > kMaxQueueSize) {
-    throw std::invalid_argument(field_error("scheduler.max_queue_size", "must be in 1 .. kMaxQueueSize"));
-  }
   if (c.device_blocks == 0 || c.device_blocks > kMaxBlocks) {
     throw std::invalid_argument(field_error("device_blocks", "must be in 1 .. kMaxBlocks"));
   }
@@ -159,11 +200,15 @@ const EngineConfig& checked(const EngineConfig& c) {
     throw std::invalid_argument(field_error("max_running", "must be in 1 .. 2^20"));
   }
   if (c.max_step_tokens == 0) throw std::invalid_argument(field_error("max_step_tokens", "must be at least 1"));
+  if (c.scheduler.max_queue_size == 0 || c.scheduler.max_queue_size > max_waiting(c)) {
+    throw std::invalid_argument(field_error(
+        "scheduler.max_queue_size",
+        ("must be in 1 .. " + std::to_string(max_waiting(c)) +
+         " (kMaxQueueSize less levels x max_running and 1,088: the engine's set of live ids, a Scheduler, "
+         "also holds running, paused and in-flight ones)")
+            .c_str()));
+  }
   return c;
-}
-
-std::uint32_t level_count(const EngineConfig& c) {
-  return c.scheduler.priority_scheduling ? static_cast<std::uint32_t>(kPriorityCount) : 1;
 }
 
 SchedulerConfig live_config(const EngineConfig& c, std::uint32_t slots) {
@@ -258,6 +303,7 @@ class EngineCore {
     st.preemptions = pub_.preemptions.load(std::memory_order::relaxed);
     st.resumptions = pub_.resumptions.load(std::memory_order::relaxed);
     st.recomputes = pub_.recomputes.load(std::memory_order::relaxed);
+    st.cut_short = pub_.cut_short.load(std::memory_order::relaxed);
     st.device_free_blocks = device_.free_blocks();
     st.host_free_blocks = host_ ? host_->free_blocks() : 0;
     return st;
@@ -270,15 +316,18 @@ class EngineCore {
     ++step_no_;
     recycle_plan();
     drain_cancels();
-    serve_growth();
-    admit();
-    if (!deferred_host_.empty()) {
-      const std::size_t n = host_->release(deferred_host_);
-      assert(n == deferred_host_.size());
-      (void)n;
-      deferred_host_.clear();
+    try {
+      serve_growth();
+      admit();
+    } catch (const std::bad_alloc&) {
+      // Every decision is whole (see "Running out of memory" above).
+      const bool decided = !plan_.preempted.empty() || !plan_.resumed.empty() || !plan_.admitted.empty();
+      if (decided) ++cut_short_;
+      end_step();
+      if (!decided) throw;
+      return plan_;
     }
-    publish();
+    end_step();
     return plan_;
   }
 
@@ -287,10 +336,17 @@ class EngineCore {
     if (s == ActiveIndex::kNone) return false;
     TaskRec& r = recs_[s];
     if (r.state != State::kRunning) return false;
+    const std::size_t before = r.tokens;
     r.tokens = n > std::numeric_limits<std::size_t>::max() - r.tokens ? std::numeric_limits<std::size_t>::max()
                                                                         : r.tokens + n;
     if (blocks_for(r.tokens) <= r.device.size()) return true;
-    const bool ok = grow(s);
+    bool ok;
+    try {
+      ok = grow(s);  // throws only before it changes anything
+    } catch (const std::bad_alloc&) {
+      r.tokens = before;
+      throw;
+    }
     publish();
     return ok;
   }
@@ -332,6 +388,18 @@ class EngineCore {
     if (loop_thread_.load(std::memory_order::relaxed) != me) loop_thread_.store(me, std::memory_order::relaxed);
   }
 
+  // Returns the host blocks of this step's swap-ins to the pool (no swap-out
+  // of the step could overwrite them any more) and publishes the counters.
+  void end_step() noexcept {
+    if (!deferred_host_.empty()) {
+      const std::size_t n = host_->release(deferred_host_);
+      assert(n == deferred_host_.size());
+      (void)n;
+      deferred_host_.clear();
+    }
+    publish();
+  }
+
   void publish() noexcept {
     // relaxed: statistics only (see stats()).
     pub_.running.store(running_, std::memory_order::relaxed);
@@ -340,6 +408,7 @@ class EngineCore {
     pub_.preemptions.store(preemptions_, std::memory_order::relaxed);
     pub_.resumptions.store(resumptions_, std::memory_order::relaxed);
     pub_.recomputes.store(recomputes_, std::memory_order::relaxed);
+    pub_.cut_short.store(cut_short_, std::memory_order::relaxed);
   }
 
   bool cancel_waiting(TaskId id) noexcept {
@@ -408,11 +477,13 @@ class EngineCore {
     --paused_count_;
   }
 
+  // Callers make room in deficit_ first (grow()); push_back comes before the
+  // position is recorded all the same.
   void set_deficit(std::uint32_t s) {
     TaskRec& r = recs_[s];
     if (r.deficit_pos != kNil) return;
-    r.deficit_pos = static_cast<std::uint32_t>(deficit_.size());
     deficit_.push_back(s);
+    r.deficit_pos = static_cast<std::uint32_t>(deficit_.size() - 1);
   }
   void clear_deficit(std::uint32_t s) noexcept {
     TaskRec& r = recs_[s];
@@ -493,7 +564,8 @@ class EngineCore {
     (void)live_.cancel(id);
   }
 
-  // Takes the missing blocks for r.tokens, all or nothing.
+  // Takes the missing blocks for r.tokens, all or nothing. May throw
+  // std::bad_alloc, only before it changes anything.
   bool grow(std::uint32_t s) {
     TaskRec& r = recs_[s];
     const std::size_t want = blocks_for(r.tokens);
@@ -502,6 +574,8 @@ class EngineCore {
       clear_deficit(s);
       return true;
     }
+    if (r.deficit_pos == kNil) room_for(deficit_, 1);
+    if (want <= config_.device_blocks) r.device.reserve(want);
     if (want > config_.device_blocks) {
       // Past the whole pool: never a victim, never a preemptor; stalls.
       remove_victim(s);
@@ -522,31 +596,27 @@ class EngineCore {
 
   // ---- plan vectors -----------------------------------------------------
 
-  std::vector<BlockId> take_ids() {
+  std::vector<BlockId> take_ids() noexcept {
     if (spare_ids_.empty()) return {};
     std::vector<BlockId> v = std::move(spare_ids_.back());
     spare_ids_.pop_back();
     v.clear();
     return v;
   }
-  std::vector<BlockCopy> take_copies() {
+  std::vector<BlockCopy> take_copies() noexcept {
     if (spare_copies_.empty()) return {};
     std::vector<BlockCopy> v = std::move(spare_copies_.back());
     spare_copies_.pop_back();
     v.clear();
     return v;
   }
-  void recycle_plan() {
-    for (Preemption& p : plan_.preempted) {
-      if (p.swap_out.capacity() != 0) spare_copies_.push_back(std::move(p.swap_out));
-    }
+  void recycle_plan() noexcept {
+    for (Preemption& p : plan_.preempted) keep_spare(spare_copies_, std::move(p.swap_out));
     for (Resumption& r : plan_.resumed) {
-      if (r.blocks.capacity() != 0) spare_ids_.push_back(std::move(r.blocks));
-      if (r.swap_in.capacity() != 0) spare_copies_.push_back(std::move(r.swap_in));
+      keep_spare(spare_ids_, std::move(r.blocks));
+      keep_spare(spare_copies_, std::move(r.swap_in));
     }
-    for (Admission& a : plan_.admitted) {
-      if (a.blocks.capacity() != 0) spare_ids_.push_back(std::move(a.blocks));
-    }
+    for (Admission& a : plan_.admitted) keep_spare(spare_ids_, std::move(a.blocks));
     plan_.preempted.clear();
     plan_.resumed.clear();
     plan_.admitted.clear();
@@ -592,6 +662,7 @@ class EngineCore {
         avail += victim_blocks_[r.level];
       }
       if (avail >= need) {
+        r.device.reserve(blocks_for(r.tokens));  // so that the grow() below cannot throw
         for (std::uint32_t l = 0; l <= r.level && device_.free_blocks() < need; ++l) {
           for (std::uint32_t x = victims_[l].tail; x != kNil && x != s && device_.free_blocks() < need;) {
             const std::uint32_t prev = recs_[x].prev;
@@ -611,11 +682,18 @@ class EngineCore {
 
   void preempt(std::uint32_t s) {
     TaskRec& r = recs_[s];
-    leave_running(s);
-    std::vector<BlockCopy> copies = take_copies();
-    bool recompute = true;
     const std::size_t n = r.device.size();
-    if (host_ && n <= host_->free_blocks()) {
+    // Memory first: a throw here changes nothing.
+    std::vector<BlockCopy> copies = take_copies();
+    const bool swap = host_ && n <= host_->free_blocks();
+    if (swap) {
+      copies.reserve(n);
+      r.host.reserve(n);
+    }
+    room_for(plan_.preempted, 1);
+    leave_running(s);
+    bool recompute = true;
+    if (swap) {
       r.host.resize(n);
       if (host_->try_allocate(r.host)) {
         recompute = false;
@@ -712,19 +790,33 @@ class EngineCore {
 
   void resume(std::uint32_t s) {
     TaskRec& r = recs_[s];
+    const std::size_t need = blocks_for(r.tokens);
+    // Memory first: a throw here changes nothing.
+    r.device.reserve(need);
+    std::vector<BlockId> blocks = take_ids();
+    blocks.reserve(need);
+    std::vector<BlockCopy> copies;
+    if (r.never_ran) {
+      room_for(plan_.admitted, 1);
+    } else {
+      copies = take_copies();
+      if (!r.recompute) {
+        copies.reserve(r.host.size());
+        room_for(deferred_host_, r.host.size());
+      }
+      room_for(plan_.resumed, 1);
+    }
     remove_paused(s);
-    r.device.resize(blocks_for(r.tokens));
+    r.device.resize(need);
     const bool ok = device_.try_allocate(r.device);  // fits() checked; only the loop allocates
     assert(ok);
     (void)ok;
-    std::vector<BlockId> blocks = take_ids();
     blocks.assign(r.device.begin(), r.device.end());
     if (r.never_ran) {
       r.never_ran = false;
       r.recompute = false;
       plan_.admitted.push_back(Admission{r.task, std::move(blocks)});
     } else {
-      std::vector<BlockCopy> copies = take_copies();
       if (!r.recompute) {
         for (std::size_t i = 0; i < r.host.size(); ++i) copies.push_back(BlockCopy{r.host[i], r.device[i]});
         // Freed at the end of the step: no swap-out of this step may
@@ -743,6 +835,11 @@ class EngineCore {
   // cancelled meanwhile, or replaced (see park below).
   bool admit_waiting(const ScheduledTask& w, std::size_t need) {
     const std::uint32_t s = free_slots_.back();
+    // Memory first: a throw here changes nothing (the slot's lists are empty).
+    recs_[s].device.reserve(need);
+    std::vector<BlockId> blocks = take_ids();
+    blocks.reserve(need);
+    room_for(plan_.admitted, 1);
     free_slots_.pop_back();
     const std::uint64_t stamp = ++stamp_seq_;
     // E2: registered before it leaves waiting_. A producer's cancel(w.id)
@@ -756,6 +853,7 @@ class EngineCore {
       index_.erase(w.id);
       slots_[s].vacate();
       free_slots_.push_back(s);
+      keep_spare(spare_ids_, std::move(blocks));
       return false;
     }
     TaskRec& r = recs_[s];
@@ -775,13 +873,13 @@ class EngineCore {
       r.never_ran = true;
       r.recompute = true;
       insert_paused(s);
+      keep_spare(spare_ids_, std::move(blocks));
       return false;
     }
     r.device.resize(need);
     const bool ok = device_.try_allocate(r.device);  // fits() checked; only the loop allocates
     assert(ok);
     (void)ok;
-    std::vector<BlockId> blocks = take_ids();
     blocks.assign(r.device.begin(), r.device.end());
     plan_.admitted.push_back(Admission{r.task, std::move(blocks)});
     enter_running(s);
@@ -821,6 +919,7 @@ class EngineCore {
   std::uint64_t preemptions_ = 0;
   std::uint64_t resumptions_ = 0;
   std::uint64_t recomputes_ = 0;
+  std::uint64_t cut_short_ = 0;
   StepPlan plan_;
   std::vector<std::vector<BlockId>> spare_ids_;
   std::vector<std::vector<BlockCopy>> spare_copies_;
@@ -835,6 +934,7 @@ class EngineCore {
     std::atomic<std::uint64_t> preemptions{0};
     std::atomic<std::uint64_t> resumptions{0};
     std::atomic<std::uint64_t> recomputes{0};
+    std::atomic<std::uint64_t> cut_short{0};
   } pub_;
   static_assert(alignof(Published) == 64 && sizeof(Published) == 64, "published counters: one line");
 };

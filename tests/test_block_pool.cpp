@@ -273,6 +273,29 @@ TEST_CASE("a mixed span applies its valid ids and counts its invalid ones") {
   CHECK(pool.free_blocks() == 10);
 }
 
+TEST_CASE("try_retain takes every reference or none") {
+  BlockPool pool(10);
+  const auto held = take(pool, 3);
+  BlockId free_id = 0;
+  while (std::find(held.begin(), held.end(), free_id) != held.end()) ++free_id;
+  const std::array<BlockId, 4> good{held[0], held[1], held[1], held[2]};
+  CHECK(pool.try_retain(good));
+  CHECK(pool.ref_count(held[0]) == 2);
+  CHECK(pool.ref_count(held[1]) == 3);
+  CHECK(pool.invalid_releases() == 0);
+  const auto counts_before = all_counts(pool);
+  // A rejected id last: the references taken before it are dropped again.
+  const std::array<BlockId, 4> bad{held[0], held[1], held[2], free_id};
+  CHECK_FALSE(pool.try_retain(bad));
+  CHECK(all_counts(pool) == counts_before);
+  CHECK(pool.invalid_releases() == 1);
+  CHECK(pool.free_blocks() == 7);
+  const std::array<BlockId, 2> out_of_range{held[2], 10};
+  CHECK_FALSE(pool.try_retain(out_of_range));
+  CHECK(all_counts(pool) == counts_before);
+  CHECK(pool.invalid_releases() == 2);
+}
+
 TEST_CASE("ref_count of an out-of-range id is zero") {
   BlockPool pool(3);
   const auto held = take(pool, 3);
@@ -540,6 +563,22 @@ TEST_CASE("share raises every count and each owner returns its own reference") {
   s.reset();
   CHECK(alloc.pool().free_blocks() == 8);
   CHECK(alloc.pool().invalid_releases() == 0);
+}
+
+TEST_CASE("share of an allocation whose block is no longer held throws and takes no reference") {
+  BlockAllocator alloc(small_config(8, 4));
+  auto a = alloc.allocate(12);
+  REQUIRE(a.has_value());
+  const std::vector<BlockId> blocks(a->blocks().begin(), a->blocks().end());
+  // Misuse: someone releases the last block on the allocation's behalf. A
+  // fork would own it without a reference (the same as a block already at
+  // UINT32_MAX references, which a test cannot reach quickly).
+  CHECK(alloc.pool().release(std::span<const BlockId>(&blocks.back(), 1)) == 1);
+  CHECK_THROWS_AS(static_cast<void>(a->share()), std::overflow_error);
+  CHECK(alloc.pool().ref_count(blocks[0]) == 1);
+  CHECK(alloc.pool().ref_count(blocks[1]) == 1);
+  CHECK(alloc.pool().free_blocks() == 6);
+  CHECK(alloc.pool().invalid_releases() == 1);
 }
 
 TEST_CASE("shrinking a shared allocation never frees the shared blocks") {

@@ -8,6 +8,7 @@
 #include <barrier>
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
 #include <map>
 #include <new>
 #include <optional>
@@ -28,9 +29,12 @@
 // ---------------------------------------------------------------------------
 // Allocation counting for "a step with no change allocates nothing": a
 // replacement operator new that counts while this thread asks it to.
+// With t_fail_in > 0, the t_fail_in-th operator new from now on throws
+// std::bad_alloc (this thread only): the out-of-memory cases below.
 namespace {
 thread_local bool t_counting = false;
 thread_local long t_news = 0;
+thread_local long t_fail_in = 0;
 }  // namespace
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -39,6 +43,7 @@ thread_local long t_news = 0;
 
 void* operator new(std::size_t n) {
   if (t_counting) ++t_news;
+  if (t_fail_in > 0 && --t_fail_in == 0) throw std::bad_alloc();
   if (void* p = std::malloc(n ? n : 1)) return p;
   throw std::bad_alloc();
 }
@@ -778,6 +783,14 @@ TEST_CASE("an invalid config is rejected with a message naming the field") {
         std::string::npos);
   CHECK(message(with([](EngineConfig& c) { c.scheduler.max_queue_size = 0; })).find("max_queue_size") !=
         std::string::npos);
+  // The set of live ids also holds running and paused ones: a waiting queue
+  // of kMaxQueueSize would fill it first and report QueueFull early.
+  CHECK(message(with([](EngineConfig& c) { c.scheduler.max_queue_size = kMaxQueueSize; })).find("max_queue_size") !=
+        std::string::npos);
+  CHECK(message(with([](EngineConfig& c) {
+          c.max_running = 256;
+          c.scheduler.max_queue_size = kMaxQueueSize - 4 * 256 - 1088 + 1;
+        })).find("max_queue_size") != std::string::npos);
   CHECK(message(EngineConfig{}).empty());
 }
 
@@ -819,6 +832,211 @@ TEST_CASE("after warm-up neither a step with no change nor one that admits alloc
   CHECK(quiet == 0);
   CHECK(t_news == 0);
   CHECK(e.stats().running == 256);
+}
+
+// ===========================================================================
+// Out of memory: an allocation that fails anywhere inside step() or
+// append_tokens() loses no task and no block, and the engine goes on.
+// ===========================================================================
+
+// Drives one engine as a serving loop would: carries out every plan it gets
+// and keeps the ids it believes running; finishes them to drain.
+struct OomDriver {
+  Engine e;
+  std::set<TaskId> submitted, running, paused, finished;
+  std::vector<TaskId> order;  // submission order, for re-submission at the end
+  explicit OomDriver(const EngineConfig& c) : e(c) {}
+
+  void add(const ScheduledTask& t) {
+    REQUIRE_FALSE(e.submit(t));
+    submitted.insert(t.id);
+    order.push_back(t.id);
+  }
+  void apply(const StepPlan& p) {
+    std::set<BlockId> seen;
+    for (const Preemption& x : p.preempted) {
+      CHECK(running.erase(x.task.id) == 1);
+      CHECK(paused.insert(x.task.id).second);
+      for (const BlockCopy& c : x.swap_out) CHECK(seen.insert(c.from).second);
+    }
+    for (const Resumption& r : p.resumed) {
+      CHECK(paused.erase(r.task.id) == 1);
+      CHECK(running.insert(r.task.id).second);
+      CHECK(r.blocks.size() == table(e, r.task.id).size());
+    }
+    for (const Admission& a : p.admitted) {
+      CHECK(submitted.count(a.task.id) == 1);
+      CHECK(finished.count(a.task.id) == 0);
+      CHECK(paused.count(a.task.id) == 0);
+      CHECK(running.insert(a.task.id).second);
+      CHECK(a.blocks == table(e, a.task.id));
+    }
+    // No device block in two running tables.
+    std::set<BlockId> held;
+    std::size_t total = 0;
+    for (const TaskId id : running) {
+      const auto t = e.block_table(id);
+      total += t.size();
+      held.insert(t.begin(), t.end());
+    }
+    CHECK(held.size() == total);
+  }
+  void step() { apply(e.step()); }
+  // Finishes every running task, step after step, until nothing is left.
+  void drain() {
+    for (int i = 0; i < 200; ++i) {
+      for (const TaskId id : running) {
+        e.finish(id);
+        finished.insert(id);
+      }
+      running.clear();
+      const EngineStats st = e.stats();
+      if (st.waiting == 0 && st.running == 0 && st.paused == 0) break;
+      step();
+    }
+  }
+  // After drain(): everything submitted came out exactly once, every block is
+  // back, and every id can be used again.
+  void check_drained(const EngineConfig& c) {
+    const EngineStats st = e.stats();
+    CHECK(st.waiting == 0);
+    CHECK(st.running == 0);
+    CHECK(st.paused == 0);
+    CHECK(paused.empty());
+    CHECK(finished == submitted);
+    CHECK(st.device_free_blocks == c.device_blocks);
+    CHECK(st.host_free_blocks == c.host_blocks);
+    for (const TaskId id : order) {
+      CHECK_FALSE(e.submit(task(id, 16)));
+      CHECK(e.cancel(id));
+    }
+  }
+};
+
+// What a call made with the k-th allocation failing did.
+struct Faulted {
+  bool fired;  // the k-th allocation happened (else the call made fewer)
+  bool threw;
+};
+
+// Runs `call` with the k-th allocation failing; only the engine call itself,
+// never the test's own bookkeeping, runs armed.
+template <class F>
+Faulted arm(long k, F&& call) {
+  t_fail_in = k;
+  bool threw = false;
+  try {
+    call();
+  } catch (const std::bad_alloc&) {
+    threw = true;
+  }
+  const bool fired = t_fail_in == 0;
+  t_fail_in = 0;
+  return {fired, threw};
+}
+
+struct OomCase {
+  const char* name;
+  EngineConfig config;
+  std::function<void(OomDriver&)> setup;             // runs with allocation intact
+  std::function<Faulted(OomDriver&, long)> faulted;  // the call under test, k-th allocation failing
+};
+
+EngineConfig oom_config(std::uint32_t device, std::uint32_t host, std::uint32_t max_running = 8) {
+  EngineConfig c = config(device, max_running);
+  c.host_blocks = host;
+  return c;
+}
+
+TEST_CASE("an allocation failure anywhere in step() or append_tokens() loses no task and no block") {
+  const auto step_faulted = [](OomDriver& d, long k) {
+    const StepPlan* plan = nullptr;
+    const Faulted f = arm(k, [&] { plan = &d.e.step(); });
+    if (plan != nullptr) d.apply(*plan);
+    return f;
+  };
+  const std::vector<OomCase> cases = {
+      {"admissions into a fresh engine", oom_config(16, 0),
+       [](OomDriver& d) {
+         for (TaskId id = 1; id <= 5; ++id) d.add(task(id, 16 * id));
+       },
+       step_faulted},
+      {"a preemption with swap-out, then an admission", oom_config(8, 16),
+       [](OomDriver& d) {
+         d.add(task(1, 64, Priority::Low));
+         d.add(task(2, 64, Priority::Low));
+         d.step();
+         d.add(task(3, 96, Priority::High));
+         d.add(task(4, 16, Priority::Critical));
+       },
+       step_faulted},
+      {"preemptions that release the KV (no host pool)", oom_config(8, 0),
+       [](OomDriver& d) {
+         d.add(task(1, 64, Priority::Low));
+         d.add(task(2, 64, Priority::Normal));
+         d.step();
+         d.add(task(3, 128, Priority::Critical));
+       },
+       step_faulted},
+      {"resumptions with swap-in", oom_config(8, 16),
+       [](OomDriver& d) {
+         d.add(task(1, 64, Priority::Low));
+         d.add(task(2, 64, Priority::Low));
+         d.step();
+         d.add(task(3, 128, Priority::High));
+         d.step();  // 1 and 2 paused, swapped out
+         for (const TaskId id : d.running) {
+           d.e.finish(id);
+           d.finished.insert(id);
+         }
+         d.running.clear();
+         d.add(task(4, 16, Priority::Low));
+       },
+       step_faulted},
+      {"growth served by preempting a newer task", oom_config(4, 8),
+       [](OomDriver& d) {
+         d.add(task(1, 32));
+         d.add(task(2, 32));
+         d.step();
+         CHECK_FALSE(d.e.append_tokens(1, 32));  // no free block: stalls until the step
+       },
+       step_faulted},
+      {"append_tokens growing a block table", oom_config(64, 0),
+       [](OomDriver& d) {
+         d.add(task(1, 16));
+         d.step();
+       },
+       [](OomDriver& d, long k) {
+         const std::size_t before = d.e.block_table(1).size();
+         bool grew = false;
+         const Faulted f = arm(k, [&] { grew = d.e.append_tokens(1, 16 * 40); });
+         CHECK(grew != f.threw);
+         // A throw changed nothing: no tokens recorded, so nothing is stalled.
+         CHECK(d.e.block_table(1).size() == (f.threw ? before : before + 40));
+         CHECK(d.e.stats().stalled == 0);
+         if (f.threw) CHECK(d.e.append_tokens(1, 16 * 40));  // the same call again succeeds
+         return f;
+       }},
+  };
+  bool saw_throw = false, saw_cut_short = false;
+  for (const OomCase& c : cases) {
+    for (long k = 1;; ++k) {
+      CAPTURE(c.name);
+      CAPTURE(k);
+      OomDriver d(c.config);
+      c.setup(d);
+      const std::uint64_t cut_before = d.e.stats().cut_short;
+      const Faulted f = c.faulted(d, k);
+      saw_throw = saw_throw || f.threw;
+      saw_cut_short = saw_cut_short || d.e.stats().cut_short > cut_before;
+      d.drain();
+      d.check_drained(c.config);
+      if (!f.fired) break;  // the call made fewer than k allocations: every point was tried
+      REQUIRE(k < 200);
+    }
+  }
+  CHECK(saw_throw);       // a failure before the first decision propagates
+  CHECK(saw_cut_short);   // one after it returns the partial plan
 }
 
 // ===========================================================================
@@ -1219,7 +1437,8 @@ class Canceller {
 bool same(const EngineStats& a, const EngineStats& b) {
   return a.waiting == b.waiting && a.running == b.running && a.paused == b.paused && a.stalled == b.stalled &&
          a.device_free_blocks == b.device_free_blocks && a.host_free_blocks == b.host_free_blocks &&
-         a.preemptions == b.preemptions && a.resumptions == b.resumptions && a.recomputes == b.recomputes;
+         a.preemptions == b.preemptions && a.resumptions == b.resumptions && a.recomputes == b.recomputes &&
+         a.cut_short == b.cut_short;
 }
 
 std::string describe(const EngineStats& s) {

@@ -9,7 +9,7 @@
 // distinct BlockAllocation objects, even ones sharing blocks, may be used and
 // destroyed on different threads at once.
 //
-// Progress: try_allocate, retain and release are lock-free (no call waits for
+// Progress: try_allocate, retain, try_retain and release are lock-free (no call waits for
 // another to finish; a retry means another call changed the same word);
 // total_blocks, free_blocks, ref_count and invalid_releases are wait-free.
 // None of them takes a lock, makes a system call or allocates memory.
@@ -68,6 +68,12 @@ class BlockPool {
   /// Concurrent with anything.
   void retain(std::span<const BlockId> blocks) noexcept;
 
+  /// retain(), all or nothing: adds one reference to each block and returns
+  /// true, or, when any id would be rejected by retain(), adds none (the
+  /// references it took are dropped again), counts that id in
+  /// invalid_releases() and returns false. Concurrent with anything.
+  [[nodiscard]] bool try_retain(std::span<const BlockId> blocks) noexcept;
+
   /// Drops one reference from each block; a block whose count reaches zero is
   /// free again. Returns how many became free. An id that is free (count 0)
   /// or out of range is skipped and counted in invalid_releases(); a repeated
@@ -91,6 +97,10 @@ class BlockPool {
   std::uint32_t ref_count(BlockId block) const noexcept;
 
  private:
+  /// One reference more on `id` (a CAS from a count above zero and below
+  /// UINT32_MAX); false, changing nothing, when retain() would reject it.
+  bool retain_one(BlockId id) noexcept;
+
   static constexpr std::size_t kCacheLine = 64;
   // Each counter written by the hot path gets a line of its own.
   struct alignas(kCacheLine) PaddedU32 {
@@ -187,7 +197,10 @@ class BlockAllocation {
   /// A second owner of the same blocks and token count: every block gains one
   /// reference, and each owner returns its own when destroyed. Copy-on-write of
   /// a shared, partly filled last block is the caller's concern. Sharing an
-  /// empty allocation gives an empty one.
+  /// empty allocation gives an empty one. Throws std::overflow_error, changing
+  /// nothing, when a block already has UINT32_MAX references (or is no longer
+  /// held: someone released it on this allocation's behalf); std::bad_alloc
+  /// copying the block list.
   BlockAllocation share() const;
 
  private:

@@ -11,7 +11,10 @@
 //   any thread          submit, cancel, scheduler, stats, config
 //   serving loop only   step, append_tokens, finish, block_table
 // The serving loop is the thread that calls step(); the loop-only calls must
-// come from it (or be otherwise serialized with it). Producers never take a
+// come from it (or be otherwise serialized with it). A cancel() made on the
+// thread that last called step() counts as a loop call: a thread that hands
+// the loop over calls cancel() again only after the new loop thread's first
+// step() happens-before it (docs/engine.md). Producers never take a
 // lock: submit and cancel are lock-free (see docs/engine.md, "Guarantees"),
 // with two narrow waits: a cancel of the very task step() is taking out of
 // the waiting queue at that moment waits for that take, and a submit waits
@@ -122,6 +125,7 @@ struct EngineStats {
   std::uint64_t preemptions;       ///< tasks paused, since construction
   std::uint64_t resumptions;       ///< paused tasks resumed
   std::uint64_t recomputes;        ///< preemptions that released the KV (no host room)
+  std::uint64_t cut_short;         ///< steps that ran out of memory mid-plan (see Engine::step)
 };
 
 class Engine {
@@ -129,7 +133,10 @@ class Engine {
   /// Throws std::invalid_argument, naming the field, when device_blocks,
   /// block_size, max_running or max_step_tokens is 0, max_running exceeds
   /// 2^20, a block count exceeds kMaxBlocks, or scheduler.max_queue_size is 0
-  /// or above kMaxQueueSize. Reserves the engine's memory up front.
+  /// or above kMaxQueueSize - levels x max_running - 1,088 (levels: 4 with
+  /// priority scheduling, else 1), because the engine's set of live ids, a
+  /// Scheduler of at most kMaxQueueSize, also holds running, paused and
+  /// in-flight ids. Reserves the engine's memory up front.
   explicit Engine(EngineConfig config);
   ~Engine();
   Engine(const Engine&) = delete;
@@ -168,12 +175,21 @@ class Engine {
   /// work for the first task that does not fit. The plan stays valid until the
   /// next step(). Serving-loop thread only; concurrent with submit, cancel and
   /// stats. No allocation once the engine has seen its largest plan.
+  /// Out of memory: each decision (a preemption, resumption or admission) is
+  /// made whole or not at all. If an allocation fails before the first
+  /// decision, step() throws std::bad_alloc (cancels from other threads and
+  /// growth served so far stay done; they need no plan entry). If one fails
+  /// after it, step() returns the decisions made so far, which the caller
+  /// must carry out like any plan, and counts the step in stats().cut_short;
+  /// the next step() goes on from there. No task or block is ever lost.
   const StepPlan& step();
 
   /// A running task grew by n tokens (decode): takes a new device block at
   /// each block boundary, all or nothing. False when the task is not running,
   /// or the device pool has no block for it: the tokens are still recorded and
-  /// the next step() resolves it. Serving-loop thread only.
+  /// the next step() resolves it. Serving-loop thread only. If it throws
+  /// (std::bad_alloc, growing the block table), nothing changed: the tokens
+  /// are not recorded.
   [[nodiscard]] bool append_tokens(TaskId id, std::size_t n);
 
   /// The running task completed: its blocks are freed. Does nothing for a task
