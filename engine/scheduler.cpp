@@ -15,16 +15,22 @@ namespace detail {
 #ifdef TGI_GTC_TEST_HOOKS
 // Test builds only (tests/races): called just before taking a ring ticket
 // (the task is QUEUED) and between taking it and publishing, so a test can
-// stall a producer exactly there.
+// stall a producer exactly there; and on every pass of a consumer over a
+// ring, with the head it read, so a test can count passes or order producers
+// around them.
 void (*g_before_ticket_hook)(std::uint64_t unused) = nullptr;
 void (*g_after_ticket_hook)(std::uint64_t ticket) = nullptr;
+void (*g_take_pass_hook)(std::uint64_t head) = nullptr;
 #define TGI_GTC_BEFORE_TICKET() \
   if (g_before_ticket_hook) g_before_ticket_hook(0)
 #define TGI_GTC_AFTER_TICKET(t) \
   if (g_after_ticket_hook) g_after_ticket_hook(t)
+#define TGI_GTC_TAKE_PASS(h) \
+  if (g_take_pass_hook) g_take_pass_hook(h)
 #else
 #define TGI_GTC_BEFORE_TICKET()
 #define TGI_GTC_AFTER_TICKET(t)
+#define TGI_GTC_TAKE_PASS(h)
 #endif
 
 namespace {
@@ -91,9 +97,13 @@ constexpr IdHash id_hash(std::uint64_t id) {
 }
 
 ScheduledTask task_of(const Bucket& b, std::uint64_t state) noexcept {
-  // relaxed (both): ordered after the seq_cst state load that returned
-  // `state`; valid only if a later CAS or load finds the same word (I7).
-  ScheduledTask t(b.id.load(std::memory_order::relaxed), b.tokens.load(std::memory_order::relaxed));
+  // acquire (both): pairs with the release stores of the fields in
+  // claim_bucket(). Valid only if a later CAS or load finds the same state
+  // word (I7): a load that read a later occupant's field synchronizes with
+  // that occupant's claim, so the re-check (sequenced after it) sees the
+  // claim and fails. Relaxed loads could be satisfied after a plain re-check
+  // load on weakly ordered CPUs (the seqlock reader's problem).
+  ScheduledTask t(b.id.load(std::memory_order::acquire), b.tokens.load(std::memory_order::acquire));
   t.priority = static_cast<Priority>((state >> kPrioShift) & 3);
   t.is_preemptible = ((state >> kPreemptBit) & 1) != 0;
   return t;
@@ -199,8 +209,11 @@ std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
   for (unsigned backoff = 1;; backoff = backoff < 4096 ? backoff * 2 : backoff) {
     // Claim the first free bucket from home (the table is about half full at most, I8).
     std::uint64_t d = 0, mine = 0, state = 0;
-    // (A free bucket is always there, I8; a full table would only spin.)
-    for (;; d = d + 1 < table_size_ ? d + 1 : 0) {
+    // A free bucket is there unless N + 130 or more other calls are stalled
+    // holding buckets (I8): after a whole lap without one, give up rather
+    // than spin on them.
+    for (std::uint64_t probes = 0;; d = d + 1 < table_size_ ? d + 1 : 0, ++probes) {
+      if (probes == table_size_) return kTableFull;
       mine = wrap(home + d);
       std::uint64_t s = table_[mine].state.load();
       if (st_of(s) != kFree) continue;
@@ -208,9 +221,12 @@ std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
       if (table_[mine].state.compare_exchange_strong(s, state)) break;
     }
     Bucket& bucket = table_[mine];
-    // relaxed (both): published by the release store of QUEUED in schedule().
-    bucket.id.store(task.id, std::memory_order::relaxed);
-    bucket.tokens.store(task.estimated_tokens, std::memory_order::relaxed);
+    // release (both): pair with the acquire loads in task_of() and in the
+    // rescan below: whoever reads these values also sees our claim above, so
+    // its re-check of the previous occupant's state fails (I7). Readers of
+    // our task get them through the release store of QUEUED in schedule().
+    bucket.id.store(task.id, std::memory_order::release);
+    bucket.tokens.store(task.estimated_tokens, std::memory_order::release);
     // relaxed: published the same way. Not the previous occupant's ticket: a
     // cancel() between our QUEUED and our first ticket would clear that
     // occupant's stale cell and free this bucket while we publish it.
@@ -230,9 +246,11 @@ std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
         break;
       }
       if (st_of(s) != kQueued) continue;
-      // relaxed: ordered after the seq_cst load that saw QUEUED, which
-      // synchronizes with the release store that published the id.
-      const TaskId other = table_[b].id.load(std::memory_order::relaxed);
+      // acquire: the seq_cst load that saw QUEUED synchronizes with the
+      // release store that published the id; acquire also pairs with the
+      // release store of the id by a later occupant (see task_of), so the
+      // re-check below fails if this read that occupant's id.
+      const TaskId other = table_[b].id.load(std::memory_order::acquire);
       if (other == task.id && table_[b].state.load() == s) {
         // Our id is queued. It is a duplicate once published; before that its
         // schedule() has not taken effect for next() (which passes over
@@ -248,7 +266,7 @@ std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
     }
     if (!duplicate && !contended) return static_cast<std::uint32_t>(mine);
     free_bucket(static_cast<std::uint32_t>(mine), state);
-    if (duplicate) return UINT32_MAX;
+    if (duplicate) return kDuplicate;
     // Another schedule() whose id shares our 20-bit fingerprint is between its
     // claim and its verdict, or has our id and is not yet published (normally:
     // the same id scheduled twice at once).
@@ -278,9 +296,9 @@ bool SchedulerCore::is_published(std::uint32_t b, std::uint64_t state) const noe
 std::error_code SchedulerCore::schedule(const ScheduledTask& task) noexcept {
   if (!reserve()) return ScheduleError::QueueFull;
   const std::uint32_t b = claim_bucket(task);
-  if (b == UINT32_MAX) {
+  if (b == kDuplicate || b == kTableFull) {
     unreserve();
-    return ScheduleError::DuplicateId;
+    return b == kDuplicate ? ScheduleError::DuplicateId : ScheduleError::QueueFull;
   }
   // From here cancel(id) can claim the task, even before it is published.
   // (Q1) release: publishes id and tokens to whoever loads QUEUED.
@@ -356,22 +374,41 @@ bool SchedulerCore::reclaim_cell(std::atomic<std::uint64_t>& cell, std::uint64_t
 // next / peek / clear
 // ---------------------------------------------------------------------------
 
-bool SchedulerCore::only_unpublished(const Ring& ring, std::uint64_t from, std::uint64_t to,
-                                     std::uint64_t* words) noexcept {
-  if (to - from > kOpenWindow) return false;
+bool SchedulerCore::only_unpublished(const Ring& ring, std::uint64_t from, std::uint64_t to, std::uint64_t window,
+                                     CellSum* sum) noexcept {
+  if (to - from > window) return false;
   for (std::uint64_t x = from; x < to; ++x) {
     const std::uint64_t w = ring.cells[x & ring.mask].load();
     if (published_at(w, x, ring.shift)) return false;
-    if (words != nullptr) words[x - from] = w;
+    if (sum != nullptr) sum->add(w);
   }
   return true;
 }
 
+SchedulerCore::CellSum SchedulerCore::sum_cells(const Ring& ring, std::uint64_t from, std::uint64_t to) noexcept {
+  CellSum sum;
+  for (std::uint64_t x = from; x < to; ++x) sum.add(ring.cells[x & ring.mask].load());
+  return sum;
+}
+
+void SchedulerCore::help_head(Ring& ring) noexcept {
+  // A cell showing a later round than the ticket at head means that ticket is
+  // resolved (and below tail: that round was written for a ticket at or past
+  // it), which is all a consumer checks before moving head past it.
+  for (int i = 0; i < 2; ++i) {
+    std::uint64_t h = ring.head.load();
+    const std::uint64_t w = ring.cells[h & ring.mask].load();
+    if (round_diff(cell_round(w), h >> ring.shift) <= 0) return;
+    if (!ring.head.compare_exchange_strong(h, h + 1)) return;
+  }
+}
+
 template <class Validate>
 SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bool remove, Validate&& validate,
-                                             std::optional<ScheduledTask>& out) noexcept {
+                                             unsigned& invalidated, std::optional<ScheduledTask>& out) noexcept {
   for (;;) {
     std::uint64_t h = ring.head.load();
+    TGI_GTC_TAKE_PASS(h);
     const std::uint64_t t = ring.tail.load();
     // head <= tail always, so h >= t means head == tail when t was read (I1).
     if (h >= t || h >= limit) return Take::kEmpty;
@@ -392,9 +429,16 @@ SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bo
       // double collect proves the instant, see take()). Otherwise (a published
       // task waits behind this ticket, or too many are open to check), give
       // its producer a moment, then invalidate the ticket rather than wait.
-      if (only_unpublished(ring, h, t < limit ? t : limit)) return Take::kEmpty;
+      // After kOpenWindow invalidations in one call, every open ticket is
+      // checked, however many: producers that keep taking new tickets while
+      // the call invalidates theirs cannot keep it from returning.
+      const std::uint64_t window = invalidated < kOpenWindow ? kOpenWindow : UINT64_MAX;
+      if (only_unpublished(ring, h, t < limit ? t : limit, window)) return Take::kEmpty;
       for (int i = 0; i < 16 && cell.load() == w; ++i) cpu_relax();
-      if (cell.compare_exchange_strong(w, empty_cell(r + 1))) ring.head.compare_exchange_strong(h, h + 1);
+      if (cell.compare_exchange_strong(w, empty_cell(r + 1))) {
+        ++invalidated;
+        ring.head.compare_exchange_strong(h, h + 1);
+      }
       continue;
     }
     const std::uint32_t b = cell_bucket(w);
@@ -433,43 +477,45 @@ SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bo
 
 std::optional<ScheduledTask> SchedulerCore::take(bool remove) noexcept {
   std::optional<ScheduledTask> out;
+  unsigned invalidated = 0;  // tickets this call invalidated (see take_from)
   for (;;) {
     std::size_t seen_count = 0;  // rings found empty so far, from the top
     // The rings above the one being read (found empty by the scan) must all
     // hold no published task at one instant while the candidate is still
-    // queued. A double collect gives that instant. First pass: each ring's
-    // tickets [head, tail) are at most kOpenWindow and none is published (its
-    // cell still shows an earlier lap: the producer is in flight). Second
-    // pass: each tail and each of those cell words unchanged. Cell words never
-    // repeat (I2), so no ticket was published in between, and no ticket was
-    // added: every ring held no task between the two passes. A ring with a
-    // published task now sends the caller back to the top of the scan; one
-    // with only unpublished tickets does not, so producers in flight do not
-    // make consumers retry.
+    // queued. A double collect gives that instant. First pass: none of each
+    // ring's tickets [head, tail) is published (its cell still shows an
+    // earlier lap: the producer is in flight); the pass sums the cell words
+    // read. Second pass: each tail unchanged, and the same cells sum to the
+    // same value. A cell's word only grows (every transition raises its round
+    // or sets its occupied bit, I2), and each second read comes after the
+    // first, so an equal sum means every word is unchanged: no ticket was
+    // published in between, and no ticket was added. Every ring held no task
+    // between the two passes. A ring with a published task now sends the
+    // caller back to the top of the scan; one with only unpublished tickets
+    // does not, so producers in flight do not make consumers retry.
     auto validate = [&]() noexcept {
-      std::uint64_t tails[kPriorityCount], heads[kPriorityCount], words[kPriorityCount][kOpenWindow];
+      std::uint64_t tails[kPriorityCount], heads[kPriorityCount];
+      CellSum sums[kPriorityCount];
       for (;;) {
         for (std::size_t j = 0; j < seen_count; ++j) {
           Ring& g = rings_[j];
           heads[j] = g.head.load();
           tails[j] = g.tail.load();
+          sums[j] = CellSum{};
           if (heads[j] >= tails[j]) continue;
-          if (!only_unpublished(g, heads[j], tails[j], words[j])) return false;
+          if (!only_unpublished(g, heads[j], tails[j], UINT64_MAX, &sums[j])) return false;
         }
         bool stable = true;
         for (std::size_t j = 0; j < seen_count && stable; ++j) {
           Ring& g = rings_[j];
-          stable = g.tail.load() == tails[j];
-          for (std::uint64_t x = heads[j]; x < tails[j] && stable; ++x) {
-            stable = g.cells[x & g.mask].load() == words[j][x - heads[j]];
-          }
+          stable = g.tail.load() == tails[j] && sum_cells(g, heads[j], tails[j]) == sums[j];
         }
         if (stable) return true;
       }
     };
     bool retry = false;
     for (std::size_t i = 0; i < ring_count_ && !retry; ++i) {
-      switch (take_from(rings_[i], UINT64_MAX, remove, validate, out)) {
+      switch (take_from(rings_[i], UINT64_MAX, remove, validate, invalidated, out)) {
         case Take::kGot: return out;
         case Take::kRetry: retry = true; break;
         case Take::kEmpty: ++seen_count; break;
@@ -491,7 +537,8 @@ std::vector<ScheduledTask> SchedulerCore::clear() {
   auto no_check = []() noexcept { return true; };
   for (std::size_t i = 0; i < ring_count_; ++i) {
     std::optional<ScheduledTask> got;
-    while (take_from(rings_[i], limit[i], true, no_check, got) == Take::kGot) out.push_back(*got);
+    unsigned invalidated = 0;
+    while (take_from(rings_[i], limit[i], true, no_check, invalidated, got) == Take::kGot) out.push_back(*got);
   }
   return out;
 }
@@ -536,6 +583,10 @@ restart:
         break;
       }
     }
+    // Only consumers move head otherwise: with schedule() and cancel() alone
+    // it would stay put while tail grows, and the next next() would pass over
+    // every cancelled ticket one by one.
+    help_head(ring);
     unreserve();
     return task;
   }

@@ -55,10 +55,18 @@
 // it by (proving that with a double collect, see next/peek below) and leave
 // the producers their tickets. An unpublished ticket with a published task
 // behind it (or with more than kOpenWindow tickets open) is invalidated
-// (EMPTY(r) -> EMPTY(r+1)) and its producer retries with a new ticket. That
-// keeps next() lock-free and FIFO.
+// (EMPTY(r) -> EMPTY(r+1)) and its producer retries with a new ticket. After
+// kOpenWindow such invalidations, a call checks every open ticket however
+// many are open, so producers that keep retaking tickets cannot keep it from
+// returning. That keeps next() lock-free and FIFO.
 // A taken task's cell is not cleared: once head has passed it, the cell is
 // stale, and the producer that lands on it one lap later overwrites it.
+// Consumers move head; cancel() also moves it past up to two resolved
+// tickets at head, so that schedule() and cancel() alone do not leave
+// next() a backlog of cancelled tickets to pass one by one.
+// Every cell transition raises the word as an unsigned integer (a higher
+// round, or the occupied bit at the same round), until the 37-bit round wraps
+// after 2^37 laps of that cell.
 //
 //   cell transition               by        when
 //   EMPTY(r)   -> OCC(r, b)       producer  ticket t, round r: publish
@@ -84,8 +92,10 @@
 //   OCC(r, b), b CANCELLED  -> a tombstone: clear the cell, free b, head+1
 //   EMPTY(r) or any older   -> unpublished ticket (h < tail). If none of the
 //   lap's word                 open tickets [h, tail) is published (at most
-//                              kOpenWindow = 8 of them): the ring counts as
-//                              empty, the producers keep their tickets.
+//                              kOpenWindow = 8 of them, or any number after
+//                              kOpenWindow invalidations by this call): the
+//                              ring counts as empty, the producers keep their
+//                              tickets.
 //                              Otherwise (a task waits behind it, or more
 //                              are open): invalidate ticket h, head+1 (its
 //                              producer retries)
@@ -125,16 +135,29 @@
 //       inserters claim, then rescan the whole probe range (both seq_cst: the
 //       store-buffer argument), and back off on seeing another that is
 //       FILLING or not yet published (DuplicateId only for a published one).
-//   I7. A bucket's fields are read before the claim CAS and are valid exactly
-//       when that CAS succeeds from the same state word: fields are written
-//       only while FILLING, which needs a new generation.
+//   I7. A bucket's fields are read before the claim CAS (or peek's re-check
+//       load) and are valid exactly when that CAS or load finds the same
+//       state word: fields are written only while FILLING, which needs a new
+//       generation, and with release stores that the readers' acquire loads
+//       pair with, so a reader that read a later occupant's field also sees
+//       that occupant's claim in its re-check.
 //   I8. A cancelled task's cell is cleared before its cancel() or its
 //       schedule() returns (the canceller reads the ticket after its claim, the
 //       producer re-reads the state after its publish: one of them sees the
 //       other; the ticket read is this task's or none, never a previous
 //       occupant's, as claim_bucket resets it while FILLING). So buckets in
 //       use <= queued tasks + calls in flight, and M = 2(N + 65) keeps the
-//       table about half full at most, whatever the cancel pattern.
+//       table about half full at most, whatever the cancel pattern, unless
+//       N + 130 or more calls are stalled holding buckets (a stalled
+//       schedule() whose task was cancelled holds its CANCELLED bucket):
+//       claim_bucket() then finds no free bucket in a whole lap and
+//       schedule() reports QueueFull instead of spinning.
+//   I9. Round comparisons are modulo 2^37, so a ring's head may fall at most
+//       2^36 laps behind its tail. Only a task that stays queued at head
+//       while 2^36 x C later tickets of its ring are taken holds it back
+//       (more than 10^13 schedules at the smallest ring; cancels move head
+//       past the cancelled tickets themselves, see cancel()); beyond that a
+//       consumer could misread a newer cell as an older lap.
 //
 // ===========================================================================
 // Linearization points
@@ -151,12 +174,15 @@
 //   DuplicateId  the rescan's cell read that found the other task published
 //              (is_published), while it was still QUEUED.
 //   next/peek  an instant inside a double collect of the higher-priority
-//              rings (no published task among their at most 8 open tickets at
-//              the first pass; tails and those cells unchanged at the second),
+//              rings (no published task among their open tickets at the first
+//              pass; tails and those cells unchanged at the second: the cells
+//              sum to the same 128-bit value, and words only grow),
 //              while the candidate, read before the collect, was still QUEUED
 //              (the claim CAS after it, or peek's re-read, proves it).
 //   cancel     the claim CAS (found), or the last probe (not found).
-//   QueueFull  the count read; count_ includes schedules in flight.
+//   QueueFull  the count read; count_ includes schedules in flight. (In the
+//              stalled case of I8 the table, not the count, is full: a
+//              documented exception, len() may be below the bound then.)
 // Ring, cell and state operations are seq_cst so that these points fall in one
 // total order (on x86-64 only the ticket store costs more than acquire/release
 // would: it must be ordered before the post-publish re-check, see I8); the
@@ -201,8 +227,13 @@ class SchedulerCore {
   /// Ring cells beyond max_queue_size, for tickets of schedules in flight.
   static constexpr std::size_t kSlack = 64;
   /// Most open tickets of a ring that next() inspects to prove that none of
-  /// them is published (the ring counts as empty, its producers in flight).
+  /// them is published (the ring counts as empty, its producers in flight)
+  /// before it invalidates the ticket at head instead; after kOpenWindow
+  /// invalidations in one call it inspects them all.
   static constexpr std::uint64_t kOpenWindow = 8;
+  /// claim_bucket() results other than a bucket.
+  static constexpr std::uint32_t kDuplicate = UINT32_MAX;
+  static constexpr std::uint32_t kTableFull = UINT32_MAX - 1;
 
   explicit SchedulerCore(const SchedulerConfig& config);
 
@@ -221,7 +252,8 @@ class SchedulerCore {
   void unreserve() noexcept;
 
   /// Claims a bucket for `task` in its id's probe range and checks the id is
-  /// not queued. Returns the bucket, or UINT32_MAX for DuplicateId.
+  /// not queued. Returns the bucket, kDuplicate (the id is queued) or
+  /// kTableFull (a whole lap of the table found no free bucket, I8).
   std::uint32_t claim_bucket(const ScheduledTask& task) noexcept;
   /// The home bucket of `id`, whose run hash (IdHash::run) is `run`.
   std::uint64_t home_of(TaskId id, std::uint64_t run) const noexcept;
@@ -241,14 +273,29 @@ class SchedulerCore {
   void publish(Ring& ring, std::uint32_t b, std::uint64_t state) noexcept;
   /// One attempt to take (or, with remove == false, read) the first task of
   /// `ring` among tickets below `limit`. `validate` re-checks the rings above.
+  /// `invalidated` counts the tickets the calling next/peek/clear invalidated
+  /// so far (see kOpenWindow).
   template <class Validate>
-  Take take_from(Ring& ring, std::uint64_t limit, bool remove, Validate&& validate,
+  Take take_from(Ring& ring, std::uint64_t limit, bool remove, Validate&& validate, unsigned& invalidated,
                  std::optional<ScheduledTask>& out) noexcept;
-  /// Whether tickets [from, to) are at most kOpenWindow and none of their
-  /// cells holds a task published at that ticket (a snapshot, not atomic).
-  /// With `words`, stores the cell words read there (for a second collect).
-  static bool only_unpublished(const Ring& ring, std::uint64_t from, std::uint64_t to,
-                               std::uint64_t* words = nullptr) noexcept;
+  /// A 128-bit sum of cell words (two 64-bit halves), for the double collect.
+  struct CellSum {
+    std::uint64_t low = 0, high = 0;
+    void add(std::uint64_t w) noexcept {
+      low += w;
+      high += low < w ? 1 : 0;
+    }
+    friend bool operator==(const CellSum&, const CellSum&) = default;
+  };
+  /// Whether tickets [from, to) are at most `window` and none of their cells
+  /// holds a task published at that ticket (a snapshot, not atomic). With
+  /// `sum`, adds the cell words read there (for a second collect).
+  static bool only_unpublished(const Ring& ring, std::uint64_t from, std::uint64_t to, std::uint64_t window,
+                               CellSum* sum = nullptr) noexcept;
+  /// The sum of the cell words of tickets [from, to), read now.
+  static CellSum sum_cells(const Ring& ring, std::uint64_t from, std::uint64_t to) noexcept;
+  /// Moves head past up to two resolved tickets at head (cancel() calls it).
+  static void help_head(Ring& ring) noexcept;
   /// Replaces cell word `w`, which holds a CANCELLED bucket, by `with`; the
   /// winner of the CAS frees the bucket. Returns whether it won.
   bool reclaim_cell(std::atomic<std::uint64_t>& cell, std::uint64_t w, std::uint64_t with) noexcept;

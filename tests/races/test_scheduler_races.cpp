@@ -7,13 +7,16 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <set>
 #include <thread>
+#include <vector>
 
 #include <tgi_gtc/scheduling.hpp>
 
 namespace tgi_gtc::scheduling::detail {
 extern void (*g_before_ticket_hook)(std::uint64_t unused);
 extern void (*g_after_ticket_hook)(std::uint64_t ticket);
+extern void (*g_take_pass_hook)(std::uint64_t head);
 }
 
 using namespace tgi_gtc::scheduling;
@@ -259,4 +262,146 @@ TEST_CASE("a cancel that misses the cell of a task published late leaves no tomb
     std::_Exit(1);
   }
   work.join();
+}
+
+// ---------------------------------------------------------------------------
+// Progress under adversarial stalls, and head kept near tail by cancels
+// ---------------------------------------------------------------------------
+
+namespace {
+
+// Every producer stalls after taking a ticket until a consumer pass has moved
+// head past that ticket (it was invalidated), then retries and stalls again
+// on its new ticket. Each consumer pass waits until every producer holds a
+// ticket at or past the head it read, so the consumer always sees
+// `kProducers` open, unpublished tickets: the schedule that keeps a consumer
+// invalidating for ever if it only ever checks a bounded window.
+struct Churn {
+  static constexpr int kProducers = 10;  // more open tickets than kOpenWindow (8)
+  static constexpr std::uint64_t kNone = ~std::uint64_t{0};
+  static inline std::atomic<std::uint64_t> held[kProducers];
+  static inline thread_local int self = -1;
+  static inline std::atomic<std::uint64_t> head_seen{0};
+  static inline std::atomic<bool> released{false};
+  static inline std::atomic<long> passes{0};
+  static void reset() {
+    for (auto& h : held) h = kNone;
+    head_seen = 0;
+    released = false;
+    passes = 0;
+  }
+  static void after_ticket(std::uint64_t ticket) {
+    held[self] = ticket;
+    while (!released.load() && head_seen.load() <= ticket) std::this_thread::yield();
+    held[self] = kNone;
+  }
+  static bool all_hold_from(std::uint64_t head) {
+    for (const auto& h : held) {
+      const std::uint64_t t = h.load();
+      if (t == kNone || t < head) return false;
+    }
+    return true;
+  }
+  static void pass(std::uint64_t head) {
+    head_seen.store(head);
+    // A watchdog: far more passes than the invalidations a call may make
+    // before it checks every open ticket means the consumer is livelocked.
+    if (passes.fetch_add(1) > 10000) released.store(true);
+    while (!released.load() && !all_hold_from(head)) std::this_thread::yield();
+  }
+};
+
+// Every producer stalls just before taking a ticket (its task QUEUED) until
+// released; waits in the kernel, so hundreds of them cost no CPU.
+struct StallAll {
+  static inline std::atomic<int> held{0};
+  static inline std::atomic<bool> go{false};
+  static void hook(std::uint64_t) {
+    held.fetch_add(1);
+    held.notify_all();
+    go.wait(false);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("next() returns while more producers than its window keep retaking invalidated tickets") {
+  Scheduler s;
+  Churn::reset();
+  detail::g_after_ticket_hook = &Churn::after_ticket;
+  std::vector<std::thread> producers;
+  for (int i = 0; i < Churn::kProducers; ++i) {
+    producers.emplace_back([&s, i] {
+      Churn::self = i;
+      REQUIRE_FALSE(s.schedule(ScheduledTask(static_cast<TaskId>(i + 1), 10)));
+    });
+  }
+  while (!Churn::all_hold_from(0)) std::this_thread::yield();
+  detail::g_take_pass_hook = &Churn::pass;
+  const auto got = s.next();  // nothing is published: empty, after a bounded number of invalidations
+  detail::g_take_pass_hook = nullptr;
+  const long passes = Churn::passes.load();
+  CHECK_FALSE(got);
+  CHECK(passes < 10000);
+  Churn::released = true;
+  for (auto& t : producers) t.join();
+  detail::g_after_ticket_hook = nullptr;
+  std::set<TaskId> ids;
+  while (const auto t = s.next()) ids.insert(t->id);
+  CHECK(ids.size() == Churn::kProducers);
+}
+
+TEST_CASE("schedule() reports QueueFull, instead of spinning, when stalled producers hold every bucket") {
+  // A queue of one has 2 x (1 + 65) = 132 buckets. Each stalled producer holds
+  // one; cancelling its task hands the capacity back but not the bucket.
+  Scheduler s(SchedulerConfig::with_max_queue(1));
+  constexpr int kStalled = 132;
+  StallAll::held = 0;
+  StallAll::go = false;
+  detail::g_before_ticket_hook = &StallAll::hook;
+  std::vector<std::thread> producers;
+  for (int i = 0; i < kStalled; ++i) {
+    const auto id = static_cast<TaskId>(1000 + i);
+    producers.emplace_back([&s, id] { REQUIRE_FALSE(s.schedule(ScheduledTask(id, 10))); });
+    for (int held = StallAll::held.load(); held < i + 1; held = StallAll::held.load()) StallAll::held.wait(held);
+    REQUIRE(s.cancel(id));
+  }
+  CHECK(s.len() == 0);
+  detail::g_before_ticket_hook = nullptr;  // the stalled ones are past the check already
+  std::atomic<bool> done{false};
+  std::error_code result;
+  std::thread fresh([&] {
+    result = s.schedule(ScheduledTask(1, 10));
+    done = true;
+  });
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!done && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  if (!done) {
+    std::fputs("FAILED: schedule() spun on a table full of stalled producers' buckets\n", stderr);
+    std::_Exit(1);
+  }
+  fresh.join();
+  CHECK(result == ScheduleError::QueueFull);
+  StallAll::go = true;
+  StallAll::go.notify_all();
+  for (auto& t : producers) t.join();
+  CHECK(s.len() == 0);
+  CHECK_FALSE(s.schedule(ScheduledTask(1, 10)));  // the buckets are free again
+  CHECK(next_task(s) == 1);
+}
+
+TEST_CASE("schedule and cancel without next keep head at tail, so the next next() passes over nothing") {
+  Scheduler s(SchedulerConfig::with_max_queue(4));
+  for (TaskId id = 1; id <= 100000; ++id) {
+    REQUIRE_FALSE(s.schedule(ScheduledTask(id, 10)));
+    REQUIRE(s.cancel(id));
+  }
+  static std::atomic<long> passes{0};
+  passes = 0;
+  detail::g_take_pass_hook = [](std::uint64_t) { passes.fetch_add(1); };
+  CHECK_FALSE(s.next());
+  detail::g_take_pass_hook = nullptr;
+  // One pass per ring finds it empty; a walk over the cancelled tickets
+  // would take one pass each.
+  CHECK(passes.load() <= 8);
 }
