@@ -209,11 +209,12 @@ std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
   for (unsigned backoff = 1;; backoff = backoff < 4096 ? backoff * 2 : backoff) {
     // Claim the first free bucket from home (the table is about half full at most, I8).
     std::uint64_t d = 0, mine = 0, state = 0;
-    // A free bucket is there unless N + 130 or more other calls are stalled
-    // holding buckets (I8): after a whole lap without one, give up rather
-    // than spin on them.
+    // A free bucket is there unless N + 131 or more other calls are stalled
+    // holding buckets (I8): after two whole laps without one, give up rather
+    // than spin on them. (The laps are not a snapshot: claims and frees racing
+    // the probe could also exhaust them, which takes a hostile schedule.)
     for (std::uint64_t probes = 0;; d = d + 1 < table_size_ ? d + 1 : 0, ++probes) {
-      if (probes == table_size_) return kTableFull;
+      if (probes == 2 * table_size_) return kTableFull;
       mine = wrap(home + d);
       std::uint64_t s = table_[mine].state.load();
       if (st_of(s) != kFree) continue;

@@ -148,10 +148,11 @@
 //       occupant's, as claim_bucket resets it while FILLING). So buckets in
 //       use <= queued tasks + calls in flight, and M = 2(N + 65) keeps the
 //       table about half full at most, whatever the cancel pattern, unless
-//       N + 130 or more calls are stalled holding buckets (a stalled
+//       N + 131 or more calls are stalled holding buckets (a stalled
 //       schedule() whose task was cancelled holds its CANCELLED bucket):
-//       claim_bucket() then finds no free bucket in a whole lap and
-//       schedule() reports QueueFull instead of spinning.
+//       claim_bucket() then finds no free bucket in two whole laps and
+//       schedule() reports QueueFull instead of spinning (claims and frees
+//       racing the probe in a hostile order could also cause that).
 //   I9. Round comparisons are modulo 2^37, so a ring's head may fall at most
 //       2^36 laps behind its tail. Only a task that stays queued at head
 //       while 2^36 x C later tickets of its ring are taken holds it back
@@ -253,7 +254,7 @@ class SchedulerCore {
 
   /// Claims a bucket for `task` in its id's probe range and checks the id is
   /// not queued. Returns the bucket, kDuplicate (the id is queued) or
-  /// kTableFull (a whole lap of the table found no free bucket, I8).
+  /// kTableFull (two whole laps of the table found no free bucket, I8).
   std::uint32_t claim_bucket(const ScheduledTask& task) noexcept;
   /// The home bucket of `id`, whose run hash (IdHash::run) is `run`.
   std::uint64_t home_of(TaskId id, std::uint64_t run) const noexcept;
