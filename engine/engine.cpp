@@ -575,7 +575,6 @@ class EngineCore {
       return true;
     }
     if (r.deficit_pos == kNil) room_for(deficit_, 1);
-    if (want <= config_.device_blocks) r.device.reserve(want);
     if (want > config_.device_blocks) {
       // Past the whole pool: never a victim, never a preemptor; stalls.
       remove_victim(s);
@@ -583,6 +582,7 @@ class EngineCore {
       set_deficit(s);
       return false;
     }
+    r.device.reserve(want);  // the last allocation; nothing changed yet
     r.device.resize(want);
     if (!device_.try_allocate(std::span<BlockId>(r.device).subspan(have))) {
       r.device.resize(have);

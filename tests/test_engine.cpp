@@ -882,14 +882,17 @@ struct OomDriver {
     CHECK(held.size() == total);
   }
   void step() { apply(e.step()); }
+  void finish_running() {
+    for (const TaskId id : running) {
+      e.finish(id);
+      finished.insert(id);
+    }
+    running.clear();
+  }
   // Finishes every running task, step after step, until nothing is left.
   void drain() {
     for (int i = 0; i < 200; ++i) {
-      for (const TaskId id : running) {
-        e.finish(id);
-        finished.insert(id);
-      }
-      running.clear();
+      finish_running();
       const EngineStats st = e.stats();
       if (st.waiting == 0 && st.running == 0 && st.paused == 0) break;
       step();
@@ -985,11 +988,7 @@ TEST_CASE("an allocation failure anywhere in step() or append_tokens() loses no 
          d.step();
          d.add(task(3, 128, Priority::High));
          d.step();  // 1 and 2 paused, swapped out
-         for (const TaskId id : d.running) {
-           d.e.finish(id);
-           d.finished.insert(id);
-         }
-         d.running.clear();
+         d.finish_running();
          d.add(task(4, 16, Priority::Low));
        },
        step_faulted},

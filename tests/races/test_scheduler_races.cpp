@@ -68,6 +68,17 @@ struct AsyncSchedule {
   }
 };
 
+// Waits up to 30 s for `done`; past that, a call the test started is stuck:
+// reports `what` and leaves at once (the stuck thread cannot be joined).
+void finish_or_exit(const std::atomic<bool>& done, const char* what) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!done && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  if (!done) {
+    std::fprintf(stderr, "FAILED: %s\n", what);
+    std::_Exit(1);
+  }
+}
+
 // The id of the task next() returns; fails the test, rather than crash, when
 // next() returns nothing.
 TaskId next_task(Scheduler& s) {
@@ -254,13 +265,7 @@ TEST_CASE("a cancel that misses the cell of a task published late leaves no tomb
     }
     done = true;
   });
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (!done && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  if (!done) {
-    // The worker is stuck inside schedule(): report and leave without joining it.
-    std::fputs("FAILED: schedule() hung: cancelled tasks' tombstones filled the table\n", stderr);
-    std::_Exit(1);
-  }
+  finish_or_exit(done, "schedule() hung: cancelled tasks' tombstones filled the table");
   work.join();
 }
 
@@ -374,12 +379,7 @@ TEST_CASE("schedule() reports QueueFull, instead of spinning, when stalled produ
     result = s.schedule(ScheduledTask(1, 10));
     done = true;
   });
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (!done && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  if (!done) {
-    std::fputs("FAILED: schedule() spun on a table full of stalled producers' buckets\n", stderr);
-    std::_Exit(1);
-  }
+  finish_or_exit(done, "schedule() spun on a table full of stalled producers' buckets");
   fresh.join();
   CHECK(result == ScheduleError::QueueFull);
   StallAll::go = true;
