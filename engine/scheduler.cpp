@@ -67,9 +67,12 @@ constexpr std::int64_t round_diff(std::uint64_t a, std::uint64_t b) {
   return static_cast<std::int64_t>((a - b) << kRoundShift) >> kRoundShift;
 }
 
-// Whether cell word `w` holds a task published at ticket `x` (its round).
-constexpr bool published_at(std::uint64_t w, std::uint64_t x, unsigned shift) {
-  return cell_occ(w) && round_diff(cell_round(w), x >> shift) == 0;
+// Whether cell word `w`, the cell of ticket `x`, holds a task published at
+// x or at one of the cell's later tickets (x + C, x + 2C, ...) below `to`.
+constexpr bool published_from(std::uint64_t w, std::uint64_t x, std::uint64_t to, unsigned shift) {
+  if (!cell_occ(w)) return false;
+  const std::int64_t laps = round_diff(cell_round(w), x >> shift);
+  return laps >= 0 && x + (static_cast<std::uint64_t>(laps) << shift) < to;
 }
 
 constexpr std::uint64_t mix(std::uint64_t x) {  // splitmix64 finalizer
@@ -378,9 +381,11 @@ bool SchedulerCore::reclaim_cell(std::atomic<std::uint64_t>& cell, std::uint64_t
 bool SchedulerCore::only_unpublished(const Ring& ring, std::uint64_t from, std::uint64_t to, std::uint64_t window,
                                      CellSum* sum) noexcept {
   if (to - from > window) return false;
-  for (std::uint64_t x = from; x < to; ++x) {
+  // Tickets a lap apart share a cell, which shows one publish at most: the
+  // first lap of cells covers [from, to) however far apart the two are.
+  for (std::uint64_t x = from, end = lap_end(ring, from, to); x < end; ++x) {
     const std::uint64_t w = ring.cells[x & ring.mask].load();
-    if (published_at(w, x, ring.shift)) return false;
+    if (published_from(w, x, to, ring.shift)) return false;
     if (sum != nullptr) sum->add(w);
   }
   return true;
@@ -388,20 +393,37 @@ bool SchedulerCore::only_unpublished(const Ring& ring, std::uint64_t from, std::
 
 SchedulerCore::CellSum SchedulerCore::sum_cells(const Ring& ring, std::uint64_t from, std::uint64_t to) noexcept {
   CellSum sum;
-  for (std::uint64_t x = from; x < to; ++x) sum.add(ring.cells[x & ring.mask].load());
+  for (std::uint64_t x = from, end = lap_end(ring, from, to); x < end; ++x) sum.add(ring.cells[x & ring.mask].load());
   return sum;
 }
 
-void SchedulerCore::help_head(Ring& ring) noexcept {
-  // A cell showing a later round than the ticket at head means that ticket is
-  // resolved (and below tail: that round was written for a ticket at or past
-  // it), which is all a consumer checks before moving head past it.
-  for (int i = 0; i < 2; ++i) {
-    std::uint64_t h = ring.head.load();
-    const std::uint64_t w = ring.cells[h & ring.mask].load();
-    if (round_diff(cell_round(w), h >> ring.shift) <= 0) return;
-    if (!ring.head.compare_exchange_strong(h, h + 1)) return;
+void SchedulerCore::skip_resolved(Ring& ring, std::uint64_t h, std::uint64_t t) noexcept {
+  // A cell showing round R resolves every ticket of that cell in an earlier
+  // round: none of them can be published any more (its producer's CAS finds a
+  // later round) and none holds a task (one published there was taken or
+  // cleared before the cell moved on). Rounds only grow (I2), so this stays
+  // true once read. For each cell from h on, the first ticket it does not
+  // show resolved is a candidate; head may move to the smallest candidate,
+  // and no further than t. Candidates are never below the ticket whose cell
+  // gave them, so the scan stops on reaching the smallest one found: at the
+  // first ticket that is not resolved, or after one lap of cells (every
+  // cell read once), whichever comes first.
+  const std::uint64_t lap = ring.mask + 1;
+  std::uint64_t target = t;
+  for (std::uint64_t x = h; x < target && x - h < lap; ++x) {
+    const std::uint64_t w = ring.cells[x & ring.mask].load();
+    const std::int64_t ahead = round_diff(cell_round(w), x >> ring.shift);
+    const std::uint64_t first_open = ahead > 0 ? x + static_cast<std::uint64_t>(ahead) * lap : x;
+    if (first_open < target) target = first_open;
   }
+  if (target > h) ring.head.compare_exchange_strong(h, target);
+}
+
+void SchedulerCore::help_head(Ring& ring) noexcept {
+  const std::uint64_t h = ring.head.load();
+  const std::uint64_t w = ring.cells[h & ring.mask].load();
+  if (round_diff(cell_round(w), h >> ring.shift) <= 0) return;  // not resolved: nothing to pass
+  skip_resolved(ring, h, ring.tail.load());
 }
 
 template <class Validate>
@@ -417,8 +439,8 @@ SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bo
     std::atomic<std::uint64_t>& cell = ring.cells[h & ring.mask];
     std::uint64_t w = cell.load();
     const std::int64_t age = round_diff(cell_round(w), r);
-    if (age > 0) {  // resolved already
-      ring.head.compare_exchange_strong(h, h + 1);
+    if (age > 0) {  // resolved already, and maybe more behind it: pass them all at once
+      skip_resolved(ring, h, t);
       continue;
     }
     if (age < 0 || !cell_occ(w)) {
@@ -436,7 +458,12 @@ SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bo
       const std::uint64_t window = invalidated < kOpenWindow ? kOpenWindow : UINT64_MAX;
       if (only_unpublished(ring, h, t < limit ? t : limit, window)) return Take::kEmpty;
       for (int i = 0; i < 16 && cell.load() == w; ++i) cpu_relax();
-      if (cell.compare_exchange_strong(w, empty_cell(r + 1))) {
+      // The cell's later tickets below t (h + C, h + 2C, ...: only when head
+      // lags tail by a lap or more) are not published either, or the cell
+      // would show it; invalidate them with ticket h, so that a ring whose
+      // head stood still for many laps costs one CAS here, not one a lap.
+      const std::uint64_t later_laps = (t - 1 - h) >> ring.shift;
+      if (cell.compare_exchange_strong(w, empty_cell(r + 1 + later_laps))) {
         ++invalidated;
         ring.head.compare_exchange_strong(h, h + 1);
       }
@@ -585,8 +612,8 @@ restart:
       }
     }
     // Only consumers move head otherwise: with schedule() and cancel() alone
-    // it would stay put while tail grows, and the next next() would pass over
-    // every cancelled ticket one by one.
+    // it would stay put while tail grows, and the next next() would have all
+    // the cancelled tickets to pass.
     help_head(ring);
     unreserve();
     return task;

@@ -61,9 +61,13 @@
 // returning. That keeps next() lock-free and FIFO.
 // A taken task's cell is not cleared: once head has passed it, the cell is
 // stale, and the producer that lands on it one lap later overwrites it.
-// Consumers move head; cancel() also moves it past up to two resolved
-// tickets at head, so that schedule() and cancel() alone do not leave
-// next() a backlog of cancelled tickets to pass one by one.
+// Consumers move head. A consumer that finds the ticket at head resolved
+// moves head past it and every resolved ticket after it in one CAS, having
+// read one cell per ticket passed, at most one lap of cells (skip_resolved).
+// Every successful cancel() does the same if the ticket at its ring's head is
+// resolved, so schedule() and cancel() alone leave no backlog. A resolved
+// ticket is one whose cell shows a later round: it can neither be published
+// nor hold a task any more.
 // Every cell transition raises the word as an unsigned integer (a higher
 // round, or the occupied bit at the same round), until the 37-bit round wraps
 // after 2^37 laps of that cell.
@@ -76,9 +80,12 @@
 //                                           (stale: x was taken), or x was
 //                                           CANCELLED (steal; free x)
 //   EMPTY(r'), OCC(r', x)         consumer  r' <= r, x stale: ticket r taken
-//              -> EMPTY(r+1)                but not published, and a later open
+//              -> EMPTY(r+1+k)              but not published, and a later open
 //                                           ticket is published or more than
 //                                           kOpenWindow are open: invalidate, skip
+//                                           (k: this cell's tickets of later
+//                                           laps below tail, also unpublished;
+//                                           0 unless head lags a lap behind)
 //   OCC(r, x)  -> EMPTY(r+1)      canceller x CANCELLED: its canceller clears it
 //                                 producer  (or its producer, if the canceller
 //                                 consumer  read an older ticket), or the
@@ -97,9 +104,11 @@
 //                              ring counts as empty, the producers keep their
 //                              tickets.
 //                              Otherwise (a task waits behind it, or more
-//                              are open): invalidate ticket h, head+1 (its
-//                              producer retries)
-//   round > r               -> resolved already: head+1
+//                              are open): invalidate ticket h (and the cell's
+//                              later-lap tickets below tail), head+1 (their
+//                              producers retry)
+//   round > r               -> resolved already: head moves past it and every
+//                              resolved ticket after it, in one CAS
 //
 // ===========================================================================
 // Bucket states
@@ -288,14 +297,25 @@ class SchedulerCore {
     }
     friend bool operator==(const CellSum&, const CellSum&) = default;
   };
-  /// Whether tickets [from, to) are at most `window` and none of their cells
-  /// holds a task published at that ticket (a snapshot, not atomic). With
-  /// `sum`, adds the cell words read there (for a second collect).
+  /// Whether tickets [from, to) are at most `window` and none of them holds a
+  /// published task (a snapshot, not atomic). Reads each of their cells once
+  /// (the first lap of them). With `sum`, adds the cell words read there (for
+  /// a second collect).
   static bool only_unpublished(const Ring& ring, std::uint64_t from, std::uint64_t to, std::uint64_t window,
                                CellSum* sum = nullptr) noexcept;
-  /// The sum of the cell words of tickets [from, to), read now.
+  /// The sum of the cell words of tickets [from, to), read now (each cell
+  /// once: the first lap of them).
   static CellSum sum_cells(const Ring& ring, std::uint64_t from, std::uint64_t to) noexcept;
-  /// Moves head past up to two resolved tickets at head (cancel() calls it).
+  /// The end of the first lap of tickets from `from`, or `to` if it comes first.
+  static std::uint64_t lap_end(const Ring& ring, std::uint64_t from, std::uint64_t to) noexcept {
+    return to - from > ring.mask ? from + ring.mask + 1 : to;
+  }
+  /// Moves head from `h`, in one CAS, past every resolved ticket the cells
+  /// show from there on (one scan of at most one lap of cells), no further
+  /// than `t` (a tail read earlier).
+  static void skip_resolved(Ring& ring, std::uint64_t h, std::uint64_t t) noexcept;
+  /// skip_resolved() from the current head, if the ticket there is resolved
+  /// (cancel() calls it).
   static void help_head(Ring& ring) noexcept;
   /// Replaces cell word `w`, which holds a CANCELLED bucket, by `with`; the
   /// winner of the CAS frees the bucket. Returns whether it won.

@@ -405,3 +405,40 @@ TEST_CASE("schedule and cancel without next keep head at tail, so the next next(
   // would take one pass each.
   CHECK(passes.load() <= 8);
 }
+
+TEST_CASE("a task held at head while its ring laps many times leaves next() a bounded number of passes") {
+  // Task 1 stays queued at head while 100,000 later tasks are scheduled and
+  // cancelled: 780 laps of a 128-cell ring. Each lap, the producer that lands
+  // on task 1's cell gives its ticket up (the cell is still in use), and every
+  // other cell moves on a round. Once task 1 is taken, the next next() has
+  // 99,999 resolved and 780 given-up tickets before task 2's. Passed one by
+  // one, with one invalidation a lap, that took 100,788 passes in one call.
+  Scheduler s(SchedulerConfig{.max_queue_size = 4, .priority_scheduling = false});
+  REQUIRE_FALSE(s.schedule(ScheduledTask(1, 10)));
+  for (TaskId id = 2; id <= 100001; ++id) {
+    REQUIRE_FALSE(s.schedule(ScheduledTask(id, 10)));
+    REQUIRE(s.cancel(id));
+  }
+  // Task 2 is queued in the last lap: its cell's earlier tickets are all
+  // resolved, its own is not. Passing the run must stop there.
+  REQUIRE_FALSE(s.schedule(ScheduledTask(2, 10)));
+  static std::atomic<long> passes{0};
+  passes = 0;
+  detail::g_take_pass_hook = [](std::uint64_t) { passes.fetch_add(1); };
+  CHECK(next_task(s) == 1);
+  const long first = passes.exchange(0);
+  CHECK(next_task(s) == 2);
+  const long second = passes.load();
+  detail::g_take_pass_hook = nullptr;
+  CHECK(first <= 2);
+  INFO("passes: ", first, " then ", second);
+  CHECK(second <= 8);
+  CHECK_FALSE(s.next());
+  // FIFO is intact behind the skipped tickets.
+  REQUIRE_FALSE(s.schedule(ScheduledTask(7, 10)));
+  REQUIRE_FALSE(s.schedule(ScheduledTask(8, 10)));
+  CHECK(next_task(s) == 7);
+  CHECK(next_task(s) == 8);
+  CHECK_FALSE(s.next());
+  CHECK(s.len() == 0);
+}
