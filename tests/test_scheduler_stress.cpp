@@ -31,6 +31,39 @@ struct RunResult {
   std::size_t accepted = 0;
 };
 
+// cancel(id), stamped with the shared clock.
+void record_cancel(Scheduler& s, LogicalClock& clock, ThreadLog& log, TaskId id) {
+  record(clock, log, Op::Cancel, [&](Event& e) {
+    e.id = id;
+    if (auto t = s.cancel(id)) {
+      e.ok = true;
+      e.priority = t->priority;
+      if (t->id != id) e.id = 0;  // reported as never accepted
+    }
+  });
+}
+
+// clear(), each task it returns logged as one removal within the call.
+void record_clear(Scheduler& s, LogicalClock& clock, ThreadLog& log) {
+  const std::uint64_t t0 = clock.tick();
+  auto all = s.clear();
+  const std::uint64_t t1 = clock.tick();
+  for (const auto& t : all) log.push_back({Op::Clear, true, t.priority, t.id, t0, t1});
+}
+
+// The history checker's verdict on every log, and the accepted schedules.
+RunResult check_logs(const std::vector<ThreadLog>& logs, bool priority_mode) {
+  RunResult r;
+  HistoryChecker checker(priority_mode);
+  for (const auto& l : logs) {
+    checker.add(l);
+    for (const auto& e : l) r.accepted += e.op == Op::Schedule && e.ok;
+  }
+  r.events = checker.size();
+  r.violations = checker.check();
+  return r;
+}
+
 // Runs `threads` workers for `ops` calls each against one scheduler; every
 // call is stamped with the shared clock. Leftover tasks are drained by clear().
 RunResult run_mixed(const SchedulerConfig& config, unsigned threads, std::uint64_t ops, Mix mix, std::uint64_t seed) {
@@ -80,19 +113,9 @@ RunResult run_mixed(const SchedulerConfig& config, unsigned threads, std::uint64
       } else if ((pick -= mix.cancel) < 0) {
         const TaskId id = recent[rng() % kRecent].load(std::memory_order::relaxed);  // relaxed: a hint only
         if (id == 0) continue;
-        record(clock, log, Op::Cancel, [&](Event& e) {
-          e.id = id;
-          if (auto t = s.cancel(id)) {
-            e.ok = true;
-            e.priority = t->priority;
-            if (t->id != id) e.id = 0;  // reported as never accepted
-          }
-        });
+        record_cancel(s, clock, log, id);
       } else {
-        const std::uint64_t t0 = clock.tick();
-        auto all = s.clear();
-        const std::uint64_t t1 = clock.tick();
-        for (const auto& t : all) log.push_back({Op::Clear, true, t.priority, t.id, t0, t1});
+        record_clear(s, clock, log);
       }
       const std::size_t n = s.len();
       if (n > config.max_queue_size) len_violations.fetch_add(1);
@@ -105,16 +128,8 @@ RunResult run_mixed(const SchedulerConfig& config, unsigned threads, std::uint64
   for (unsigned w = 0; w < threads; ++w) pool.emplace_back(worker, w);
   for (auto& t : pool) t.join();
 
-  const std::uint64_t t0 = clock.tick();
-  for (const auto& t : s.clear()) logs[threads].push_back({Op::Clear, true, t.priority, t.id, t0, clock.tick()});
-  RunResult r;
-  HistoryChecker checker(config.priority_scheduling);
-  for (const auto& l : logs) {
-    checker.add(l);
-    for (const auto& e : l) r.accepted += e.op == Op::Schedule && e.ok;
-  }
-  r.events = checker.size();
-  r.violations = checker.check();
+  record_clear(s, clock, logs[threads]);
+  RunResult r = check_logs(logs, config.priority_scheduling);
   if (len_violations.load()) r.violations.push_back({"len", "len() exceeded max_queue_size"});
   r.max_len_seen = max_len.load();
   CHECK(s.is_empty());
@@ -302,15 +317,7 @@ TEST_SUITE("stress") {
           const bool keep = rng() % 256 == 0;
           const TaskId other = rng() % 8 == 0 ? recent[rng() % 16].load(std::memory_order::relaxed) : 0;
           for (const TaskId victim : {keep ? 0 : id, other}) {
-            if (!ok || victim == 0) continue;
-            record(clock, log, Op::Cancel, [&](Event& e) {
-              e.id = victim;
-              if (auto t = s.cancel(victim)) {
-                e.ok = true;
-                e.priority = t->priority;
-                if (t->id != victim) e.id = 0;  // reported as never accepted
-              }
-            });
+            if (ok && victim != 0) record_cancel(s, clock, log, victim);
           }
           progress.fetch_add(1, std::memory_order::relaxed);
         }
@@ -324,10 +331,7 @@ TEST_SUITE("stress") {
           const std::uint64_t until = progress.load(std::memory_order::relaxed) + 300 + rng() % 3000;
           while (producing.load() != 0 && progress.load(std::memory_order::relaxed) < until) std::this_thread::yield();
           if (rng() % 16 == 0) {
-            const std::uint64_t t0 = clock.tick();
-            auto all = s.clear();
-            const std::uint64_t t1 = clock.tick();
-            for (const auto& t : all) log.push_back({Op::Clear, true, t.priority, t.id, t0, t1});
+            record_clear(s, clock, log);
             continue;
           }
           for (bool more = true; more;) {
@@ -347,17 +351,9 @@ TEST_SUITE("stress") {
       for (unsigned w = 0; w < kProducers; ++w) pool.emplace_back(producer, w);
       pool.emplace_back(consumer);
       for (auto& t : pool) t.join();
-      const std::uint64_t t0 = clock.tick();
-      for (const auto& t : s.clear()) logs[kProducers + 1].push_back({Op::Clear, true, t.priority, t.id, t0, clock.tick()});
+      record_clear(s, clock, logs[kProducers + 1]);
       CHECK(s.len() == 0);
-      RunResult r;
-      HistoryChecker checker(prio);
-      for (const auto& l : logs) {
-        checker.add(l);
-        for (const auto& e : l) r.accepted += e.op == Op::Schedule && e.ok;
-      }
-      r.violations = checker.check();
-      expect_clean(r);
+      expect_clean(check_logs(logs, prio));
     }
   }
 
