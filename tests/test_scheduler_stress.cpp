@@ -425,3 +425,60 @@ TEST_CASE("the history checker flags a reordering, a loss and a passed-over task
                    {Op::Next, true, Priority::Normal, 1, 7, 8}});
   CHECK(overlapping.check().empty());
 }
+
+TEST_CASE("the history checker flags a task passed over for one scheduled before it, and an empty next() with a task queued throughout") {
+  // next() [0,5] began before both schedules, but returned task 2, whose
+  // schedule began after task 1's (Critical) returned: task 1 was queued at
+  // any instant that next() could take effect.
+  HistoryChecker passed(true);
+  passed.add({{Op::Next, true, Priority::Normal, 2, 0, 5},
+              {Op::Schedule, true, Priority::Critical, 1, 1, 2},
+              {Op::Schedule, true, Priority::Normal, 2, 3, 4},
+              {Op::Next, true, Priority::Critical, 1, 6, 7}});
+  auto v = passed.check();
+  REQUIRE(v.size() == 1);
+  CHECK(v[0].kind == "priority");
+  CHECK(v[0].detail.find("before task 2's schedule") != std::string::npos);
+
+  HistoryChecker overlapping(true);  // the schedules overlap: task 2 may have come first
+  overlapping.add({{Op::Next, true, Priority::Normal, 2, 0, 5},
+                   {Op::Schedule, true, Priority::Critical, 1, 1, 4},
+                   {Op::Schedule, true, Priority::Normal, 2, 2, 3},
+                   {Op::Next, true, Priority::Critical, 1, 6, 7}});
+  CHECK(overlapping.check().empty());
+
+  HistoryChecker empty(true);  // task 1 queued throughout the empty next()
+  empty.add({{Op::Schedule, true, Priority::Low, 1, 1, 2},
+             {Op::Next, false, Priority::Normal, 0, 3, 4},
+             {Op::Next, true, Priority::Low, 1, 5, 6}});
+  v = empty.check();
+  REQUIRE(v.size() == 1);
+  CHECK(v[0].kind == "empty");
+
+  // Task 1 was cancelled during the empty next(), but only after task 2 was
+  // scheduled: until the cancel, task 1 is queued; from then on, task 2 is.
+  HistoryChecker handover(false);
+  handover.add({{Op::Schedule, true, Priority::Low, 1, 1, 2},
+                {Op::Next, false, Priority::Normal, 0, 3, 10},
+                {Op::Schedule, true, Priority::Critical, 2, 4, 5},
+                {Op::Cancel, true, Priority::Low, 1, 6, 7},
+                {Op::Next, true, Priority::Critical, 2, 11, 12}});
+  v = handover.check();
+  REQUIRE(v.size() == 1);
+  CHECK(v[0].kind == "empty");
+  CHECK(v[0].detail.find("and task 2") != std::string::npos);
+
+  HistoryChecker gap(false);  // cancelled before task 2 was scheduled: the queue was empty in between
+  gap.add({{Op::Schedule, true, Priority::Low, 1, 1, 2},
+           {Op::Next, false, Priority::Normal, 0, 3, 10},
+           {Op::Cancel, true, Priority::Low, 1, 4, 5},
+           {Op::Schedule, true, Priority::Critical, 2, 6, 7},
+           {Op::Next, true, Priority::Critical, 2, 11, 12}});
+  CHECK(gap.check().empty());
+
+  HistoryChecker racing(true);  // the empty next() overlaps the only schedule
+  racing.add({{Op::Schedule, true, Priority::Low, 1, 2, 5},
+              {Op::Peek, false, Priority::Normal, 0, 3, 4},
+              {Op::Next, true, Priority::Low, 1, 6, 7}});
+  CHECK(racing.check().empty());
+}

@@ -442,3 +442,106 @@ TEST_CASE("a task held at head while its ring laps many times leaves next() a bo
   CHECK_FALSE(s.next());
   CHECK(s.len() == 0);
 }
+
+namespace {
+// Runs an action on the n-th pass of a consumer over a ring (counting from
+// arming), on the consumer's own thread, in the middle of its next() or peek().
+struct AtPass {
+  static inline int target = 0;
+  static inline int passes = 0;
+  static inline void (*action)() = nullptr;
+  static void hook(std::uint64_t) {
+    if (++passes == target && action) action();
+  }
+  AtPass(int n, void (*act)()) {
+    target = n;
+    passes = 0;
+    action = act;
+    detail::g_take_pass_hook = &hook;
+  }
+  ~AtPass() { detail::g_take_pass_hook = nullptr; }
+};
+Scheduler* g_sched = nullptr;
+}  // namespace
+
+TEST_CASE("a Critical task scheduled while next() or peek() scans the rings below is not passed over for a later Normal one") {
+  // The consumer has found Critical empty and is on High (its second pass)
+  // when task 1 (Critical) is scheduled, then task 2 (Normal). schedule(1)
+  // returned before schedule(2) began, and next() returns a task only once it
+  // is scheduled, so at any instant next() could take effect at, task 1 is
+  // queued: returning task 2 would pass it over. The re-check of the rings
+  // above must see Critical's tail move and send the scan back to the top.
+  for (const bool remove : {true, false}) {
+    CAPTURE(remove);
+    Scheduler s;
+    g_sched = &s;
+    std::optional<ScheduledTask> got;
+    {
+      AtPass at(2, [] {
+        REQUIRE_FALSE(g_sched->schedule(ScheduledTask(1, 10).with_priority(Priority::Critical)));
+        REQUIRE_FALSE(g_sched->schedule(ScheduledTask(2, 10).with_priority(Priority::Normal)));
+      });
+      got = remove ? s.next() : s.peek();
+      CHECK(AtPass::passes > 2);
+    }
+    REQUIRE(got);
+    CHECK(got->id == 1);
+    if (!remove) CHECK(next_task(s) == 1);
+    CHECK(next_task(s) == 2);
+    CHECK_FALSE(s.next());
+  }
+}
+
+TEST_CASE("next() does not report empty when a task was queued at every instant of its scan, moved from a lower ring to a higher one") {
+  // Task 1 (Low) is queued. While next() is on High, task 2 (Critical) is
+  // scheduled and then task 1 cancelled: until the cancel, task 1 is queued;
+  // from then on, task 2. The scan finds High, Normal and Low empty, but
+  // "empty" must not be returned: the final re-check sees Critical's tail move.
+  Scheduler s;
+  g_sched = &s;
+  REQUIRE_FALSE(s.schedule(ScheduledTask(1, 10).with_priority(Priority::Low)));
+  std::optional<ScheduledTask> got;
+  {
+    AtPass at(2, [] {
+      REQUIRE_FALSE(g_sched->schedule(ScheduledTask(2, 10).with_priority(Priority::Critical)));
+      REQUIRE(g_sched->cancel(1));
+    });
+    got = s.next();
+  }
+  REQUIRE(got);
+  CHECK(got->id == 2);
+  CHECK_FALSE(s.next());
+  CHECK(s.len() == 0);
+}
+
+TEST_CASE("a Critical producer in flight when next() passed its ring, published before a Normal task is scheduled, is not passed over") {
+  // Task 1 (Critical) has its ticket but is not published when next() reads
+  // Critical: the ring counts as empty, its tail unchanged later. While next()
+  // is on High, task 1 is published and its schedule() returns, then task 2
+  // (Normal) is scheduled. Critical's tail never moves, so the re-check must
+  // also see its open ticket's cell change, not the tail alone.
+  Scheduler s;
+  g_sched = &s;
+  Stall stall;
+  static AsyncSchedule* producer = nullptr;
+  static Stall* held = nullptr;
+  AsyncSchedule a(s, ScheduledTask(1, 10).with_priority(Priority::Critical));
+  producer = &a;
+  held = &stall;
+  stall.wait_held();
+  std::optional<ScheduledTask> got;
+  {
+    AtPass at(2, [] {
+      held->release();
+      while (!producer->returned()) std::this_thread::yield();
+      REQUIRE_FALSE(g_sched->schedule(ScheduledTask(2, 10).with_priority(Priority::Normal)));
+    });
+    got = s.next();
+  }
+  CHECK_FALSE(a.join());
+  CHECK(Stall::tickets.load() == 2);  // its own ticket, and task 2's
+  REQUIRE(got);
+  CHECK(got->id == 1);
+  CHECK(next_task(s) == 2);
+  CHECK_FALSE(s.next());
+}

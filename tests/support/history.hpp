@@ -10,11 +10,18 @@
 //   fifo          same priority (or any priority in FIFO mode): schedule(a)
 //                 precedes schedule(b) but next() returned b strictly before
 //                 the next() that returned a began;
-//   priority      schedule(a) preceded a next()/peek() that returned b of lower
-//                 priority, and a was still queued when that call returned
-//                 (its removal began after it, or never happened);
+//   priority      a next()/peek() returned b of lower priority than a, and a was
+//                 queued at every instant the call could take effect: schedule(a)
+//                 preceded the call or schedule(b) (which takes effect before a
+//                 call that returns b), and a's removal began after the call
+//                 returned (or never happened);
 //   cancel        cancel(id) found nothing although schedule(id) preceded it
-//                 and id's removal began after the cancel returned.
+//                 and id's removal began after the cancel returned;
+//   empty         a next()/peek() returned nothing although some task was
+//                 queued at every instant of the call: a task x whose schedule
+//                 preceded the call, and either x itself or a task a scheduled
+//                 before x's removal began, removed only after the call
+//                 returned (until x leaves, x is queued; from then on, a is).
 // Each finding names the task ids and the clock values of the calls involved.
 //
 // findings() returns the same findings with their parts kept apart (kind, the
@@ -132,9 +139,9 @@ class HistoryChecker {
 
   /// The findings of check() (and, with `extended`, of the added checks), with
   /// the calls involved kept apart. Kinds come in the order conservation,
-  /// fifo, priority, cancel, peek, payload.
+  /// fifo, priority, cancel, peek, payload, empty.
   Findings findings(const FindingOptions& opt = {}) const {
-    static constexpr const char* kKinds[] = {"conservation", "fifo", "priority", "cancel", "peek", "payload"};
+    static constexpr const char* kKinds[] = {"conservation", "fifo", "priority", "cancel", "peek", "payload", "empty"};
     constexpr std::size_t kKindCount = sizeof(kKinds) / sizeof(kKinds[0]);
     struct Life {
       const Event* sched = nullptr;
@@ -243,14 +250,30 @@ class HistoryChecker {
       }
     }
 
-    // Priority: for each next/peek returning b, no higher-priority a scheduled
-    // before it began may remain queued past its end.
+    auto removal_start = [](const Life* l) {
+      return l->removal ? l->removal->start : std::numeric_limits<std::uint64_t>::max();
+    };
+    // Priority: for each next/peek r returning b, no higher-priority a
+    // scheduled before r began, or before schedule(b) began, may remain queued
+    // past r's end. (schedule(b) takes effect before r does: r returned b.)
     if (priority_mode_) {
-      std::vector<const Event*> readers;
+      struct Reader {
+        std::uint64_t after;  // a qualifies when a.sched.end < after
+        const Event* r;
+        const Event* b_sched;  // schedule(b), when it sets `after`
+      };
+      std::vector<Reader> readers;
       for (const Event& e : events_) {
-        if ((e.op == Op::Next || e.op == Op::Peek) && e.ok) readers.push_back(&e);
+        if ((e.op != Op::Next && e.op != Op::Peek) || !e.ok) continue;
+        auto it = life.find(e.id);
+        const Event* b = it == life.end() ? nullptr : it->second.sched;
+        if (b && b->start > e.start) {
+          readers.push_back({b->start, &e, b});
+        } else {
+          readers.push_back({e.start, &e, nullptr});
+        }
       }
-      std::sort(readers.begin(), readers.end(), [](auto* x, auto* y) { return x->start < y->start; });
+      std::sort(readers.begin(), readers.end(), [](const Reader& x, const Reader& y) { return x.after < y.after; });
       for (std::size_t q = 1; q < 4; ++q) {
         std::vector<const Life*> tasks;
         for (const auto& [id, l] : life) {
@@ -259,24 +282,30 @@ class HistoryChecker {
         std::sort(tasks.begin(), tasks.end(), [](auto* x, auto* y) { return x->sched->end < y->sched->end; });
         std::size_t k = 0;
         const Life* latest = nullptr;  // qualifying a whose removal began latest
-        auto removal_start = [](const Life* l) {
-          return l->removal ? l->removal->start : std::numeric_limits<std::uint64_t>::max();
-        };
-        for (const Event* r : readers) {
-          while (k < tasks.size() && tasks[k]->sched->end < r->start) {
+        for (const Reader& rd : readers) {
+          const Event* r = rd.r;
+          while (k < tasks.size() && tasks[k]->sched->end < rd.after) {
             if (!latest || removal_start(tasks[k]) > removal_start(latest)) latest = tasks[k];
             ++k;
           }
           if (static_cast<std::size_t>(r->priority) >= q || !latest) continue;
           if (removal_start(latest) > r->end) {
-            report(2, {r, latest->sched}, [&] {
+            // schedule(b) is evidence only when a's schedule did not precede r.
+            const Event* b_sched = latest->sched->end < r->start ? nullptr : rd.b_sched;
+            auto text = [&] {
               return name(r->op) + at(*r) + " returned task " + std::to_string(r->id) + " (" +
                      std::string(tgi_gtc::scheduling::to_string(r->priority)) + ") while task " +
                      std::to_string(latest->sched->id) + " (" +
                      std::string(tgi_gtc::scheduling::to_string(latest->sched->priority)) + "), scheduled" +
-                     at(*latest->sched) + ", was queued until" +
-                     (latest->removal ? at(*latest->removal) : std::string(" the end"));
-            });
+                     at(*latest->sched) +
+                     (b_sched ? " before task " + std::to_string(r->id) + "'s schedule" + at(*b_sched) + " began" : "") +
+                     ", was queued until" + (latest->removal ? at(*latest->removal) : std::string(" the end"));
+            };
+            if (b_sched) {
+              report(2, {r, latest->sched, b_sched}, text);
+            } else {
+              report(2, {r, latest->sched}, text);
+            }
           }
         }
       }
@@ -294,6 +323,65 @@ class HistoryChecker {
           return "cancel(" + std::to_string(e.id) + ")" + at(e) + " found nothing, but the task was scheduled" +
                  at(*l.sched) + " and left only" + (l.removal ? at(*l.removal) : std::string(" never"));
         });
+      }
+    }
+
+    // Empty: for each next/peek r that returned nothing, no task x scheduled
+    // before r began may be matched by a task a (x itself, or one scheduled
+    // before x's removal began) whose removal began after r returned. Sweep
+    // the tasks by schedule end: for each x, cover(x) is the latest removal
+    // start among the a scheduled before x's removal began.
+    {
+      std::vector<const Life*> tasks;
+      for (const auto& [id, l] : life) {
+        if (l.sched) tasks.push_back(&l);
+      }
+      std::sort(tasks.begin(), tasks.end(), [](auto* x, auto* y) { return x->sched->end < y->sched->end; });
+      // latest[i]: among tasks[0..i], the one whose removal began latest.
+      std::vector<const Life*> latest(tasks.size());
+      for (std::size_t i = 0; i < tasks.size(); ++i) {
+        latest[i] = i == 0 || removal_start(tasks[i]) > removal_start(latest[i - 1]) ? tasks[i] : latest[i - 1];
+      }
+      auto scheduled_before = [&](std::uint64_t t) {  // how many tasks' schedules ended before t
+        return static_cast<std::size_t>(
+            std::partition_point(tasks.begin(), tasks.end(), [t](const Life* l) { return l->sched->end < t; }) - tasks.begin());
+      };
+      struct Cover {
+        const Life* x;
+        const Life* a;  // nullptr: none
+      };
+      auto cover_start = [&](const Cover& c) { return c.a ? removal_start(c.a) : 0; };
+      // best[i]: among tasks[0..i] as x, the pair (x, a) whose a's removal began latest.
+      std::vector<Cover> best(tasks.size());
+      for (std::size_t i = 0; i < tasks.size(); ++i) {
+        const std::size_t n = scheduled_before(removal_start(tasks[i]));
+        const Cover here{tasks[i], n == 0 ? nullptr : latest[n - 1]};
+        best[i] = i == 0 || cover_start(here) > cover_start(best[i - 1]) ? here : best[i - 1];
+      }
+      for (const Event& e : events_) {
+        if ((e.op != Op::Next && e.op != Op::Peek) || e.ok) continue;
+        const std::size_t n = scheduled_before(e.start);
+        if (n == 0) continue;
+        const Cover& c = best[n - 1];
+        if (!c.a || removal_start(c.a) <= e.end) continue;
+        const Life* x = c.x;
+        const Life* a = c.a;
+        auto text = [&] {
+          std::string t = name(e.op) + at(e) + " returned nothing, but task " + std::to_string(x->sched->id) + ", scheduled" +
+                          at(*x->sched) + ", was queued until" + (x->removal ? at(*x->removal) : std::string(" the end"));
+          if (a != x) {
+            t += ", and task " + std::to_string(a->sched->id) + ", scheduled" + at(*a->sched) + " before that, until" +
+                 (a->removal ? at(*a->removal) : std::string(" the end"));
+          }
+          return t;
+        };
+        if (a == x) {
+          report(6, {&e, x->sched}, text);
+        } else if (x->removal) {
+          report(6, {&e, x->sched, x->removal, a->sched}, text);
+        } else {
+          report(6, {&e, x->sched, a->sched}, text);
+        }
       }
     }
 
@@ -360,9 +448,6 @@ class HistoryChecker {
       for (const auto& [r, b] : peeks) all_peeks.push_back({b->sched->start, cls_of(b), r, b});
       std::sort(all_tasks.begin(), all_tasks.end(), [](const Task& x, const Task& y) { return x.sched_end < y.sched_end; });
       std::sort(all_peeks.begin(), all_peeks.end(), [](const Peek& x, const Peek& y) { return x.b_start < y.b_start; });
-      auto removal_start = [](const Life* l) {
-        return l->removal ? l->removal->start : std::numeric_limits<std::uint64_t>::max();
-      };
       std::vector<std::size_t> k(classes, 0);
       std::vector<const Life*> latest(classes, nullptr);  // per class: qualifying a whose removal began latest
       std::vector<std::vector<const Task*>> by_class(classes);
