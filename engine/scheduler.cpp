@@ -428,13 +428,17 @@ void SchedulerCore::help_head(Ring& ring) noexcept {
 
 template <class Validate>
 SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bool remove, Validate&& validate,
-                                             unsigned& invalidated, std::optional<ScheduledTask>& out) noexcept {
+                                             unsigned& invalidated, std::optional<ScheduledTask>& out,
+                                             std::uint64_t* closed_tail) noexcept {
   for (;;) {
     std::uint64_t h = ring.head.load();
     TGI_GTC_TAKE_PASS(h);
     const std::uint64_t t = ring.tail.load();
     // head <= tail always, so h >= t means head == tail when t was read (I1).
-    if (h >= t || h >= limit) return Take::kEmpty;
+    if (h >= t || h >= limit) {
+      if (closed_tail != nullptr) *closed_tail = h >= t ? t : kHadOpenTickets;
+      return Take::kEmpty;
+    }
     const std::uint64_t r = h >> ring.shift;
     std::atomic<std::uint64_t>& cell = ring.cells[h & ring.mask];
     std::uint64_t w = cell.load();
@@ -456,7 +460,10 @@ SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bo
       // checked, however many: producers that keep taking new tickets while
       // the call invalidates theirs cannot keep it from returning.
       const std::uint64_t window = invalidated < kOpenWindow ? kOpenWindow : UINT64_MAX;
-      if (only_unpublished(ring, h, t < limit ? t : limit, window)) return Take::kEmpty;
+      if (only_unpublished(ring, h, t < limit ? t : limit, window)) {
+        if (closed_tail != nullptr) *closed_tail = kHadOpenTickets;
+        return Take::kEmpty;
+      }
       for (int i = 0; i < 16 && cell.load() == w; ++i) cpu_relax();
       // The cell's later tickets below t (h + C, h + 2C, ...: only when head
       // lags tail by a lap or more) are not published either, or the cell
@@ -503,53 +510,75 @@ SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bo
   }
 }
 
+bool SchedulerCore::rings_above_empty(std::size_t count) noexcept {
+  // First pass: none of each ring's tickets [head, tail) is published (its
+  // cell still shows an earlier lap: the producer is in flight); the pass sums
+  // the cell words read. Second pass: each tail unchanged, and the same cells
+  // sum to the same value. A cell's word only grows (every transition raises
+  // its round or sets its occupied bit, I2), and each second read comes after
+  // the first, so an equal sum means every word is unchanged: no ticket was
+  // published in between, and no ticket was added. Every ring held no task
+  // between the two passes. A ring with a published task returns false; one
+  // with only unpublished tickets does not, so producers in flight do not
+  // make consumers retry.
+  std::uint64_t tails[kPriorityCount], heads[kPriorityCount];
+  CellSum sums[kPriorityCount];
+  for (;;) {
+    for (std::size_t j = 0; j < count; ++j) {
+      Ring& g = rings_[j];
+      heads[j] = g.head.load();
+      tails[j] = g.tail.load();
+      sums[j] = CellSum{};
+      if (heads[j] >= tails[j]) continue;
+      if (!only_unpublished(g, heads[j], tails[j], UINT64_MAX, &sums[j])) return false;
+    }
+    bool stable = true;
+    for (std::size_t j = 0; j < count && stable; ++j) {
+      Ring& g = rings_[j];
+      stable = g.tail.load() == tails[j] && sum_cells(g, heads[j], tails[j]) == sums[j];
+    }
+    if (stable) return true;
+  }
+}
+
 std::optional<ScheduledTask> SchedulerCore::take(bool remove) noexcept {
   std::optional<ScheduledTask> out;
   unsigned invalidated = 0;  // tickets this call invalidated (see take_from)
   for (;;) {
     std::size_t seen_count = 0;  // rings found empty so far, from the top
+    // For each of them, the tail the scan read with head equal to it, or
+    // kHadOpenTickets.
+    std::uint64_t closed[kPriorityCount];
     // The rings above the one being read (found empty by the scan) must all
     // hold no published task at one instant while the candidate is still
-    // queued. A double collect gives that instant. First pass: none of each
-    // ring's tickets [head, tail) is published (its cell still shows an
-    // earlier lap: the producer is in flight); the pass sums the cell words
-    // read. Second pass: each tail unchanged, and the same cells sum to the
-    // same value. A cell's word only grows (every transition raises its round
-    // or sets its occupied bit, I2), and each second read comes after the
-    // first, so an equal sum means every word is unchanged: no ticket was
-    // published in between, and no ticket was added. Every ring held no task
-    // between the two passes. A ring with a published task now sends the
-    // caller back to the top of the scan; one with only unpublished tickets
-    // does not, so producers in flight do not make consumers retry.
+    // queued. A double collect gives that instant.
+    // Common case, one pass: the scan itself is the first collect. It read
+    // each ring's head, then its tail, and found them equal: no open ticket,
+    // the ring held nothing (I1: every ticket below head is resolved, and a
+    // resolved ticket can no longer be published). If each tail
+    // is unchanged now, no ticket was taken since, so each ring held nothing
+    // from its read in the scan until now: at every instant between the
+    // scan's last read of them and this check. The candidate was read in that
+    // interval (after the scan passed those rings, before this check), so the
+    // instant of its read serves.
+    // Otherwise (a ring had open tickets, or a tail moved): the full double
+    // collect, both passes after the candidate's read.
     auto validate = [&]() noexcept {
-      std::uint64_t tails[kPriorityCount], heads[kPriorityCount];
-      CellSum sums[kPriorityCount];
-      for (;;) {
-        for (std::size_t j = 0; j < seen_count; ++j) {
-          Ring& g = rings_[j];
-          heads[j] = g.head.load();
-          tails[j] = g.tail.load();
-          sums[j] = CellSum{};
-          if (heads[j] >= tails[j]) continue;
-          if (!only_unpublished(g, heads[j], tails[j], UINT64_MAX, &sums[j])) return false;
-        }
-        bool stable = true;
-        for (std::size_t j = 0; j < seen_count && stable; ++j) {
-          Ring& g = rings_[j];
-          stable = g.tail.load() == tails[j] && sum_cells(g, heads[j], tails[j]) == sums[j];
-        }
-        if (stable) return true;
+      for (std::size_t j = 0; j < seen_count; ++j) {
+        if (rings_[j].tail.load() != closed[j]) return rings_above_empty(seen_count);
       }
+      return true;
     };
     bool retry = false;
     for (std::size_t i = 0; i < ring_count_ && !retry; ++i) {
-      switch (take_from(rings_[i], UINT64_MAX, remove, validate, invalidated, out)) {
+      switch (take_from(rings_[i], UINT64_MAX, remove, validate, invalidated, out, &closed[i])) {
         case Take::kGot: return out;
         case Take::kRetry: retry = true; break;
         case Take::kEmpty: ++seen_count; break;
       }
     }
-    // Empty: all rings empty at one instant (the double collect).
+    // Empty: all rings empty at one instant (the double collect; the instant
+    // lies between the scan's read of the last ring and this check).
     // Every return names `out`, so it is built in the caller's result, not
     // copied there.
     if (!retry && validate()) return out;

@@ -187,8 +187,12 @@
 //              rings (no published task among their open tickets at the first
 //              pass; tails and those cells unchanged at the second: the cells
 //              sum to the same 128-bit value, and words only grow),
-//              while the candidate, read before the collect, was still QUEUED
-//              (the claim CAS after it, or peek's re-read, proves it).
+//              while the candidate, read before the second pass, was still
+//              QUEUED (the claim CAS after it, or peek's re-read, proves it).
+//              The first pass is the scan itself when it found every ring
+//              above with head equal to tail (no open ticket): the candidate
+//              is read after it, and the second pass is one tail load a ring.
+//              Otherwise both passes come after the candidate's read.
 //   cancel     the claim CAS (found), or the last probe (not found).
 //   QueueFull  the count read; count_ includes schedules in flight. (In the
 //              stalled case of I8 the table, not the count, is full: a
@@ -281,13 +285,21 @@ class SchedulerCore {
   /// is published in its ring (and was still queued then).
   bool is_published(std::uint32_t b, std::uint64_t state) const noexcept;
   void publish(Ring& ring, std::uint32_t b, std::uint64_t state) noexcept;
+  /// take_from() found the ring empty with open tickets (see `closed_tail`).
+  static constexpr std::uint64_t kHadOpenTickets = UINT64_MAX;
   /// One attempt to take (or, with remove == false, read) the first task of
   /// `ring` among tickets below `limit`. `validate` re-checks the rings above.
   /// `invalidated` counts the tickets the calling next/peek/clear invalidated
-  /// so far (see kOpenWindow).
+  /// so far (see kOpenWindow). On kEmpty, `*closed_tail` (if given) is the
+  /// tail it read when it also read head there (no open ticket), else
+  /// kHadOpenTickets, which no tail reaches.
   template <class Validate>
   Take take_from(Ring& ring, std::uint64_t limit, bool remove, Validate&& validate, unsigned& invalidated,
-                 std::optional<ScheduledTask>& out) noexcept;
+                 std::optional<ScheduledTask>& out, std::uint64_t* closed_tail = nullptr) noexcept;
+  /// The double collect over rings [0, count) (see take()): false once one of
+  /// them holds a published task. Kept out of line: next()'s common case
+  /// needs only its tail check.
+  [[gnu::noinline]] bool rings_above_empty(std::size_t count) noexcept;
   /// A 128-bit sum of cell words (two 64-bit halves), for the double collect.
   struct CellSum {
     std::uint64_t low = 0, high = 0;
