@@ -555,12 +555,12 @@ std::optional<ScheduledTask> SchedulerCore::take(bool remove) noexcept {
     // Common case, one pass: the scan itself is the first collect. It read
     // each ring's head, then its tail, and found them equal: no open ticket,
     // the ring held nothing (I1: every ticket below head is resolved, and a
-    // resolved ticket can no longer be published). If each tail
-    // is unchanged now, no ticket was taken since, so each ring held nothing
-    // from its read in the scan until now: at every instant between the
-    // scan's last read of them and this check. The candidate was read in that
-    // interval (after the scan passed those rings, before this check), so the
-    // instant of its read serves.
+    // resolved ticket can no longer be published). If each tail is unchanged
+    // now, no ticket was taken since (tails only grow, 64-bit: no ABA), and
+    // head never moves back, so every ticket stayed below head: each ring held
+    // nothing at any instant from its read in the scan until now. The
+    // candidate was read after the scan passed those rings and before this
+    // check, so the instant of its read serves.
     // Otherwise (a ring had open tickets, or a tail moved): the full double
     // collect, both passes after the candidate's read.
     auto validate = [&]() noexcept {
@@ -577,8 +577,9 @@ std::optional<ScheduledTask> SchedulerCore::take(bool remove) noexcept {
         case Take::kEmpty: ++seen_count; break;
       }
     }
-    // Empty: all rings empty at one instant (the double collect; the instant
-    // lies between the scan's read of the last ring and this check).
+    // Empty: all rings empty at one instant (the double collect: between the
+    // scan's read of the last ring and this check on the one-pass path,
+    // between the two passes of rings_above_empty() otherwise).
     // Every return names `out`, so it is built in the caller's result, not
     // copied there.
     if (!retry && validate()) return out;

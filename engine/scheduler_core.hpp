@@ -191,7 +191,9 @@
 //              QUEUED (the claim CAS after it, or peek's re-read, proves it).
 //              The first pass is the scan itself when it found every ring
 //              above with head equal to tail (no open ticket): the candidate
-//              is read after it, and the second pass is one tail load a ring.
+//              is read after it, and the second pass is one tail load a ring
+//              (an unchanged tail means no ticket since, and head never moves
+//              back, so the ring stayed empty in between, I1).
 //              Otherwise both passes come after the candidate's read.
 //   cancel     the claim CAS (found), or the last probe (not found).
 //   QueueFull  the count read; count_ includes schedules in flight. (In the
