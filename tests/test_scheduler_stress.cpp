@@ -426,7 +426,7 @@ TEST_CASE("the history checker flags a reordering, a loss and a passed-over task
   CHECK(overlapping.check().empty());
 }
 
-TEST_CASE("the history checker flags a task passed over for one scheduled before it, and an empty next() with a task queued throughout") {
+TEST_CASE("the history checker flags a task passed over for one scheduled before it, an empty next() with a task queued throughout, and a FIFO skip of a task that left by cancel") {
   // next() [0,5] began before both schedules, but returned task 2, whose
   // schedule began after task 1's (Critical) returned: task 1 was queued at
   // any instant that next() could take effect.
@@ -475,6 +475,25 @@ TEST_CASE("the history checker flags a task passed over for one scheduled before
            {Op::Schedule, true, Priority::Critical, 2, 6, 7},
            {Op::Next, true, Priority::Critical, 2, 11, 12}});
   CHECK(gap.check().empty());
+
+  // FIFO when the task passed over leaves by cancel (or clear) after the
+  // next() that skipped it, or never leaves.
+  HistoryChecker skipped(true);
+  skipped.add({{Op::Schedule, true, Priority::Normal, 1, 1, 2},
+               {Op::Schedule, true, Priority::Normal, 2, 3, 4},
+               {Op::Next, true, Priority::Normal, 2, 5, 6},
+               {Op::Cancel, true, Priority::Normal, 1, 7, 8}});
+  v = skipped.check();
+  REQUIRE(v.size() == 1);
+  CHECK(v[0].kind == "fifo");
+  CHECK(v[0].detail.find("(cancel)") != std::string::npos);
+
+  HistoryChecker cancelled_first(true);  // the cancel may take effect before the next()
+  cancelled_first.add({{Op::Schedule, true, Priority::Normal, 1, 1, 2},
+                       {Op::Schedule, true, Priority::Normal, 2, 3, 4},
+                       {Op::Cancel, true, Priority::Normal, 1, 5, 8},
+                       {Op::Next, true, Priority::Normal, 2, 6, 7}});
+  CHECK(cancelled_first.check().empty());
 
   HistoryChecker racing(true);  // the empty next() overlaps the only schedule
   racing.add({{Op::Schedule, true, Priority::Low, 1, 2, 5},

@@ -9,7 +9,7 @@
 //                 cancel or clear), and nothing leaves that was not accepted;
 //   fifo          same priority (or any priority in FIFO mode): schedule(a)
 //                 precedes schedule(b) but next() returned b strictly before
-//                 the next() that returned a began;
+//                 a's removal (by next, cancel or clear) began, or a never left;
 //   priority      a next()/peek() returned b of lower priority than a, and a was
 //                 queued at every instant the call could take effect: schedule(a)
 //                 preceded the call or schedule(b) (which takes effect before a
@@ -95,8 +95,10 @@ struct Finding {
   std::string kind;
   std::string detail;
   /// The calls involved, in the order the detail names them (fifo: schedule(a),
-  /// schedule(b), the next() that took a, the next() that took b; for a peek:
-  /// schedule(a), schedule(b), the peek that returned b).
+  /// schedule(b), the next() that took a, the next() that took b; when a left
+  /// by cancel or clear, or never: schedule(a), schedule(b), the next() that
+  /// took b, and a's removal if any; for a peek: schedule(a), schedule(b), the
+  /// peek that returned b).
   std::vector<Call> calls;
   /// The tasks involved, without repeats, in the order of `calls`.
   std::vector<TaskId> ids;
@@ -246,6 +248,37 @@ class HistoryChecker {
                    std::to_string(b->sched->id) + at(*b->sched) + " (same class) but taken" + at(*latest->take) +
                    " after it was taken" + at(*b->take);
           });
+        }
+      }
+      // The same for an a that left otherwise (cancel, clear) or never: it
+      // was still queued when the next() that took b returned.
+      std::vector<const Life*> others;
+      for (const auto& [id, l] : life) {
+        if (!l.sched || (l.removal && l.removal->op == Op::Next)) continue;
+        if (priority_mode_ && static_cast<std::size_t>(l.sched->priority) != c) continue;
+        others.push_back(&l);
+      }
+      std::sort(others.begin(), others.end(), [](auto* x, auto* y) { return x->sched->end < y->sched->end; });
+      auto left_at = [](const Life* l) { return l->removal ? l->removal->start : std::numeric_limits<std::uint64_t>::max(); };
+      k = 0;
+      const Life* queued = nullptr;  // qualifying a that left latest
+      for (const Item* b : by_start) {
+        while (k < others.size() && others[k]->sched->end < b->sched->start) {
+          if (!queued || left_at(others[k]) > left_at(queued)) queued = others[k];
+          ++k;
+        }
+        if (!queued || b->take->end >= left_at(queued)) continue;
+        const Life* a = queued;
+        auto text = [&] {
+          return "task " + std::to_string(a->sched->id) + " scheduled" + at(*a->sched) + " before task " +
+                 std::to_string(b->sched->id) + at(*b->sched) + " (same class) and queued until" +
+                 (a->removal ? at(*a->removal) + " (" + name(a->removal->op) + ")" : std::string(" the end")) +
+                 ", but task " + std::to_string(b->sched->id) + " was taken" + at(*b->take);
+        };
+        if (a->removal) {
+          report(1, {a->sched, b->sched, b->take, a->removal}, text);
+        } else {
+          report(1, {a->sched, b->sched, b->take}, text);
         }
       }
     }
