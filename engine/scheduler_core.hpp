@@ -293,8 +293,8 @@ class SchedulerCore {
   /// `ring` among tickets below `limit`. `validate` re-checks the rings above.
   /// `invalidated` counts the tickets the calling next/peek/clear invalidated
   /// so far (see kOpenWindow). On kEmpty, `*closed_tail` (if given) is the
-  /// tail it read when it also read head there (no open ticket), else
-  /// kHadOpenTickets, which no tail reaches.
+  /// tail it read if head, read just before, equalled it (no open ticket),
+  /// else kHadOpenTickets, which no tail reaches.
   template <class Validate>
   Take take_from(Ring& ring, std::uint64_t limit, bool remove, Validate&& validate, unsigned& invalidated,
                  std::optional<ScheduledTask>& out, std::uint64_t* closed_tail = nullptr) noexcept;
