@@ -81,22 +81,23 @@ constexpr std::uint64_t mix(std::uint64_t x) {  // splitmix64 finalizer
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
   return x ^ (x >> 31);
 }
-// Home bucket of an id: ids come mostly from next_id(), so consecutive ids
-// (runs of kHomeRun) get consecutive buckets at a random place in the table
-// (home_of() maps the run's hash onto the table).
-// A schedule()+next() then touches the same few cache lines as its neighbours
-// instead of one random line of a table that may be far larger than the
-// cache. Short runs keep linear probing's clusters short.
-constexpr unsigned kHomeRunBits = 3;
-constexpr std::uint64_t kHomeRun = std::uint64_t{1} << kHomeRunBits;
+// Home bucket of an id: each id's own hash, scaled onto the table
+// (home_of()). Not runs of consecutive ids on consecutive buckets (runs of 8
+// were tried, for cache locality): a run that lands on a cluster pushes all
+// its ids past it, and the probe range of a home (reach_, which never
+// shrinks) then grew with churn to a mean of 63 buckets after 16 M pairs at
+// depth 10,000 (per-id homes: 9), which every schedule() and cancel()
+// rescans. Ids come mostly from next_id(), so schedule() prefetches the home
+// of the id kPrefetchAhead after its own, instead.
+constexpr std::uint64_t kPrefetchAhead = 8;
 constexpr std::uint64_t kCellsPerLine = kCacheLine / sizeof(std::atomic<std::uint64_t>);
 struct IdHash {
-  std::uint64_t run;  // 32 bits: where the id's run starts (home_of() scales it)
-  std::uint64_t fp;   // 20 bits: other bits of the run's hash, and the id's place in its run
+  std::uint64_t home;  // 32 bits: where the id's probe range starts (home_of() scales it)
+  std::uint64_t fp;    // 20 other bits of the hash
 };
 constexpr IdHash id_hash(std::uint64_t id) {
-  const std::uint64_t h = mix(id >> kHomeRunBits);
-  return {h & 0xffff'ffffu, (h >> 44) ^ (id & (kHomeRun - 1))};
+  const std::uint64_t h = mix(id);
+  return {h & 0xffff'ffffu, h >> 44};
 }
 
 ScheduledTask task_of(const Bucket& b, std::uint64_t state) noexcept {
@@ -169,22 +170,19 @@ void SchedulerCore::free_bucket(std::uint32_t b, std::uint64_t state) noexcept {
 // schedule
 // ---------------------------------------------------------------------------
 
-std::uint64_t SchedulerCore::home_of(TaskId id, std::uint64_t run) const noexcept {
+std::uint64_t SchedulerCore::home_of(std::uint64_t hash) const noexcept {
   // Lemire's multiply-shift reduction of a 32-bit hash onto [0, M).
-  return wrap(((run * table_size_) >> 32) + (id & (kHomeRun - 1)));
+  return (hash * table_size_) >> 32;
 }
 
 // Both prefetch helpers are always inlined. A call to a function whose only
 // effects are prefetches is dead code to a compiler that may look into it
 // (the library is built without semantic interposition): GCC 12 deleted
-// every call to prefetch_run until it was inlined.
-[[gnu::always_inline]] inline void SchedulerCore::prefetch_run(TaskId first) const noexcept {
-  const std::uint64_t home = home_of(first, id_hash(first).run);
+// every call to its prefetch helper until it was inlined.
+[[gnu::always_inline]] inline void SchedulerCore::prefetch_home(TaskId id) const noexcept {
+  const std::uint64_t home = home_of(id_hash(id).home);
   __builtin_prefetch(&reach_[home], 0);  // mostly read
-  __builtin_prefetch(&reach_[wrap(home + kHomeRun - 1)], 0);
-  // Two buckets a line: every other bucket, and the last, cover the run's lines.
-  for (std::uint64_t i = 0; i < kHomeRun; i += 2) __builtin_prefetch(&table_[wrap(home + i)], 1);
-  __builtin_prefetch(&table_[wrap(home + kHomeRun - 1)], 1);
+  __builtin_prefetch(&table_[home], 1);
 }
 
 [[gnu::always_inline]] inline void SchedulerCore::prefetch_ahead(const Ring& ring, std::uint64_t h,
@@ -201,12 +199,11 @@ std::uint64_t SchedulerCore::home_of(TaskId id, std::uint64_t run) const noexcep
 
 std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
   // Ids mostly come in sequence (next_id(), or a caller's counter), and each
-  // run of kHomeRun of them lands at a new random place in the table, likely
-  // not in any cache when the table is large. The first id of a run fetches
-  // the next run's lines, some kHomeRun schedules before they are needed.
-  if ((task.id & (kHomeRun - 1)) == 0) prefetch_run(task.id + kHomeRun);
+  // lands at a random place in the table, likely not in any cache when the
+  // table is large: fetch the lines of the id kPrefetchAhead ahead.
+  prefetch_home(task.id + kPrefetchAhead);
   const IdHash hash = id_hash(task.id);
-  const std::uint64_t home = home_of(task.id, hash.run);
+  const std::uint64_t home = home_of(hash.home);
   const std::uint64_t fp = hash.fp;
   std::atomic<std::uint32_t>& reach = reach_[home];
   for (unsigned backoff = 1;; backoff = backoff < 4096 ? backoff * 2 : backoff) {
@@ -607,7 +604,7 @@ std::vector<ScheduledTask> SchedulerCore::clear() {
 
 std::optional<ScheduledTask> SchedulerCore::cancel(TaskId id) noexcept {
   const IdHash hash = id_hash(id);
-  const std::uint64_t home = home_of(id, hash.run);
+  const std::uint64_t home = home_of(hash.home);
   const std::uint64_t fp = hash.fp;
 restart:
   const std::uint32_t range = reach_[home].load();

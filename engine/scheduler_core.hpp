@@ -16,9 +16,7 @@
 //   table_[M], M = 2(N + 65): the task slots and the id index in one
 //   open-addressing hash table (linear probing, wrapping at M). A task lives
 //   in a bucket of the probe range of its id's home bucket
-//   h = (hash(id / 8) scaled to [0, M) + id mod 8) mod M (runs of 8
-//   consecutive ids share a random base, so ids from next_id() land on
-//   neighbouring cache lines):
+//   h = hash(id) scaled to [0, M):
 //        state   = gen:38 | fp:20 | preemptible:1 | priority:2 | st:3
 //                  st: FREE, FILLING, QUEUED, TAKEN, CANCELLED
 //                  fp: 20 more bits of the id's hash
@@ -29,14 +27,17 @@
 //   It only grows (shrinking it would race with claims in flight), so a
 //   schedule() or cancel() scans the widest range any id of that home ever
 //   needed, and that widens slowly with churn. One thread, capacity 16,384,
-//   schedule+next pairs: mean reach 8.3 buckets after 5 M pairs at depth
-//   10,000 and 11.6 after 50 M; 22.7 (max 172) after 20 M at depth 16,000.
-//   (Prefetching the lines past a run that its reach covers did not help:
-//   one thread, interleaved runs, depth 10,000 and near-full.)
+//   schedule+next pairs with ids from one counter: mean reach 4.9 buckets
+//   after 1 M pairs at depth 10,000, 8.9 after 16 M, 11.1 (max 28) after
+//   64 M; 18.7 (max 61) after 16 M at depth 16,000; 7.2 after 3,000 rounds
+//   of filling 10,000 and draining. (With runs of 8 consecutive ids on
+//   consecutive buckets, as before: 31, 63 and 81 at depth 10,000, 141 at
+//   depth 16,000, 50 in the rounds; a pair at depth 10,000 then cost 0.53x
+//   as much with per-id homes after 30 M pairs.)
 //   Buckets are 32 B and 32-byte aligned: two a line, none across two.
 //
-//   Prefetches (hints only; nothing depends on them): a schedule() whose id
-//   starts a run fetches the next run's table and reach_ lines; a producer
+//   Prefetches (hints only; nothing depends on them): a schedule() fetches
+//   the reach_ and table lines of the home of the id 8 after its own; a producer
 //   whose ticket starts a line of cells fetches the next line; a consumer
 //   fetches the next line of cells, and the bucket two tickets ahead. Without
 //   them, a table larger than the cache costs a miss every few schedules (at
@@ -271,12 +272,12 @@ class SchedulerCore {
   /// not queued. Returns the bucket, kDuplicate (the id is queued) or
   /// kTableFull (two whole laps of the table found no free bucket, I8).
   std::uint32_t claim_bucket(const ScheduledTask& task) noexcept;
-  /// The home bucket of `id`, whose run hash (IdHash::run) is `run`.
-  std::uint64_t home_of(TaskId id, std::uint64_t run) const noexcept;
+  /// The home bucket of an id whose home hash (IdHash::home) is `hash`.
+  std::uint64_t home_of(std::uint64_t hash) const noexcept;
   /// Bucket index x, for x < 2M, taken modulo M (probes wrap around the end).
   std::uint64_t wrap(std::uint64_t x) const noexcept { return x < table_size_ ? x : x - table_size_; }
-  /// Prefetches the index and table lines of the run of ids that starts at `first`.
-  void prefetch_run(TaskId first) const noexcept;
+  /// Prefetches the reach_ and table lines of `id`'s home.
+  void prefetch_home(TaskId id) const noexcept;
   /// After taking ticket `h` of a ring whose tail was `t`: prefetches what
   /// the next takes will read.
   void prefetch_ahead(const Ring& ring, std::uint64_t h, std::uint64_t t) const noexcept;
