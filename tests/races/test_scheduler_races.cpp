@@ -446,6 +446,8 @@ TEST_CASE("a task held at head while its ring laps many times leaves next() a bo
 namespace {
 // Runs an action on the n-th pass of a consumer over a ring (counting from
 // arming), on the consumer's own thread, in the middle of its next() or peek().
+// The action runs inside a noexcept call: it must CHECK, not REQUIRE (a
+// failed REQUIRE throws, which would terminate instead of reporting).
 struct AtPass {
   static inline int target = 0;
   static inline int passes = 0;
@@ -478,8 +480,8 @@ TEST_CASE("a Critical task scheduled while next() or peek() scans the rings belo
     std::optional<ScheduledTask> got;
     {
       AtPass at(2, [] {
-        REQUIRE_FALSE(g_sched->schedule(ScheduledTask(1, 10).with_priority(Priority::Critical)));
-        REQUIRE_FALSE(g_sched->schedule(ScheduledTask(2, 10).with_priority(Priority::Normal)));
+        CHECK_FALSE(g_sched->schedule(ScheduledTask(1, 10).with_priority(Priority::Critical)));
+        CHECK_FALSE(g_sched->schedule(ScheduledTask(2, 10).with_priority(Priority::Normal)));
       });
       got = remove ? s.next() : s.peek();
       CHECK(AtPass::passes > 2);
@@ -503,8 +505,8 @@ TEST_CASE("next() does not report empty when a task was queued at every instant 
   std::optional<ScheduledTask> got;
   {
     AtPass at(2, [] {
-      REQUIRE_FALSE(g_sched->schedule(ScheduledTask(2, 10).with_priority(Priority::Critical)));
-      REQUIRE(g_sched->cancel(1));
+      CHECK_FALSE(g_sched->schedule(ScheduledTask(2, 10).with_priority(Priority::Critical)));
+      CHECK(g_sched->cancel(1));
     });
     got = s.next();
   }
@@ -534,7 +536,7 @@ TEST_CASE("a Critical producer in flight when next() passed its ring, published 
     AtPass at(2, [] {
       held->release();
       while (!producer->returned()) std::this_thread::yield();
-      REQUIRE_FALSE(g_sched->schedule(ScheduledTask(2, 10).with_priority(Priority::Normal)));
+      CHECK_FALSE(g_sched->schedule(ScheduledTask(2, 10).with_priority(Priority::Normal)));
     });
     got = s.next();
   }
