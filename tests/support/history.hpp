@@ -214,6 +214,10 @@ class HistoryChecker {
       }
     }
 
+    // When a task's removal began; never removed: the end of time.
+    auto removal_start = [](const Life* l) {
+      return l->removal ? l->removal->start : std::numeric_limits<std::uint64_t>::max();
+    };
     // FIFO: among tasks taken by next(), per class (priority, or all in FIFO mode).
     const std::size_t classes = priority_mode_ ? 4 : 1;
     for (std::size_t c = 0; c < classes; ++c) {
@@ -259,15 +263,14 @@ class HistoryChecker {
         others.push_back(&l);
       }
       std::sort(others.begin(), others.end(), [](auto* x, auto* y) { return x->sched->end < y->sched->end; });
-      auto left_at = [](const Life* l) { return l->removal ? l->removal->start : std::numeric_limits<std::uint64_t>::max(); };
       k = 0;
       const Life* queued = nullptr;  // qualifying a that left latest
       for (const Item* b : by_start) {
         while (k < others.size() && others[k]->sched->end < b->sched->start) {
-          if (!queued || left_at(others[k]) > left_at(queued)) queued = others[k];
+          if (!queued || removal_start(others[k]) > removal_start(queued)) queued = others[k];
           ++k;
         }
-        if (!queued || b->take->end >= left_at(queued)) continue;
+        if (!queued || b->take->end >= removal_start(queued)) continue;
         const Life* a = queued;
         auto text = [&] {
           return "task " + std::to_string(a->sched->id) + " scheduled" + at(*a->sched) + " before task " +
@@ -283,9 +286,6 @@ class HistoryChecker {
       }
     }
 
-    auto removal_start = [](const Life* l) {
-      return l->removal ? l->removal->start : std::numeric_limits<std::uint64_t>::max();
-    };
     // Priority: for each next/peek r returning b, no higher-priority a
     // scheduled before r began, or before schedule(b) began, may remain queued
     // past r's end. (schedule(b) takes effect before r does: r returned b.)
