@@ -253,6 +253,7 @@ class EngineCore {
   // ---- any thread -------------------------------------------------------
 
   std::error_code submit(const ScheduledTask& task) noexcept {
+    if (value(task.priority) >= kPriorityCount) return ScheduleError::InvalidPriority;
     if (blocks_for(task.estimated_tokens) > config_.device_blocks) return ScheduleError::ExceedsCapacity;
     // E1: claim the id first. DuplicateId here covers waiting, running and
     // paused alike, and also a task the loop is taking right now.

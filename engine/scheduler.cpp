@@ -295,6 +295,9 @@ bool SchedulerCore::is_published(std::uint32_t b, std::uint64_t state) const noe
 }
 
 std::error_code SchedulerCore::schedule(const ScheduledTask& task) noexcept {
+  // A Priority cast from an out-of-range integer would index past rings_ and
+  // spill into the state word's other fields: refuse it before anything changes.
+  if (value(task.priority) >= kPriorityCount) return ScheduleError::InvalidPriority;
   if (!reserve()) return ScheduleError::QueueFull;
   const std::uint32_t b = claim_bucket(task);
   if (b == kDuplicate || b == kTableFull) {

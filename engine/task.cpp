@@ -26,6 +26,7 @@ class ScheduleErrorCategory final : public std::error_category {
       case ScheduleError::QueueFull: return "scheduler queue full";
       case ScheduleError::DuplicateId: return "task id already queued";
       case ScheduleError::ExceedsCapacity: return "task needs more KV blocks than the device pool holds";
+      case ScheduleError::InvalidPriority: return "task priority is not Low, Normal, High or Critical";
     }
     return "unknown scheduling error";
   }

@@ -593,6 +593,22 @@ TEST_CASE("submit refuses a task that needs more blocks than the device pool hol
   CHECK(p.admitted[0].blocks.size() == 1);
 }
 
+TEST_CASE("submit refuses a priority outside the four levels, before anything else") {
+  Engine e(config(4));
+  for (const int bad : {4, 9, 255}) {
+    CAPTURE(bad);
+    // Valid size, and one too large: the priority is reported either way.
+    CHECK(e.submit(task(1, 16, static_cast<Priority>(bad))) == ScheduleError::InvalidPriority);
+    CHECK(e.submit(task(1, 65, static_cast<Priority>(bad))) == ScheduleError::InvalidPriority);
+  }
+  CHECK(e.stats().waiting == 0);
+  CHECK(e.step().admitted.empty());
+  // Nothing was claimed: the id is free and the whole pool too.
+  submit(e, task(1, 64, Priority::High));
+  CHECK(e.submit(task(1, 16, static_cast<Priority>(4))) == ScheduleError::InvalidPriority);
+  CHECK(admitted(e.step()) == Ids{1});
+}
+
 TEST_CASE("submit refuses an id that is waiting, running or paused") {
   Engine e(config(1));
   submit(e, task(1, 16, Priority::Low));

@@ -81,10 +81,43 @@ TEST_CASE("error codes carry their own category and messages") {
   CHECK(std::error_code(ScheduleError::DuplicateId).message() == "task id already queued");
   CHECK(make_error_code(ScheduleError::ExceedsCapacity).message() ==
         "task needs more KV blocks than the device pool holds");
+  CHECK(make_error_code(ScheduleError::InvalidPriority).message() ==
+        "task priority is not Low, Normal, High or Critical");
   CHECK(full.category() == schedule_error_category());
   CHECK(std::string(full.category().name()) == "tgi_gtc::scheduling");
   CHECK(full != std::error_code(1, std::generic_category()));
   CHECK(full == ScheduleError::QueueFull);
+}
+
+TEST_CASE("a priority outside the four levels is refused first, and changes nothing") {
+  // A Priority cast from an out-of-range integer (a request field, say) once
+  // indexed past the rings (a crash) or, with one ring, spilled into the
+  // slot's other state bits.
+  for (const bool priorities : {true, false}) {
+    CAPTURE(priorities);
+    SchedulerConfig c = SchedulerConfig::with_max_queue(2);
+    c.priority_scheduling = priorities;
+    Scheduler s(c);
+    for (const int bad : {4, 5, 8, 128, 255}) {
+      CAPTURE(bad);
+      const std::error_code ec = s.schedule(task(1, static_cast<Priority>(bad)));
+      CHECK(ec == ScheduleError::InvalidPriority);
+      CHECK(ec.message() == "task priority is not Low, Normal, High or Critical");
+    }
+    CHECK(s.len() == 0);
+    CHECK_FALSE(s.peek());
+    CHECK_FALSE(s.cancel(1));
+    // The id was not taken and no capacity was used.
+    REQUIRE_FALSE(s.schedule(task(1, Priority::Low)));
+    REQUIRE_FALSE(s.schedule(task(2, Priority::Critical)));
+    // Checked before the capacity and the id: a full queue and a queued id
+    // still report the bad priority.
+    CHECK(s.schedule(task(1, static_cast<Priority>(7))) == ScheduleError::InvalidPriority);
+    CHECK(s.schedule(task(3, static_cast<Priority>(7))) == ScheduleError::InvalidPriority);
+    CHECK(s.len() == 2);
+    const std::vector<TaskId> expected = priorities ? std::vector<TaskId>{2, 1} : std::vector<TaskId>{1, 2};
+    CHECK(drain(s) == expected);
+  }
 }
 
 TEST_CASE("zero and oversized max_queue_size are rejected with a message") {

@@ -146,7 +146,9 @@ class Engine {
 
   const EngineConfig& config() const noexcept;
 
-  /// Queues a copy of `task`. Empty on success; ScheduleError::ExceedsCapacity
+  /// Queues a copy of `task`. Empty on success; ScheduleError::InvalidPriority
+  /// when task.priority is none of the four enumerators (checked first);
+  /// ScheduleError::ExceedsCapacity
   /// when ceil(estimated_tokens / block_size) > device_blocks;
   /// ScheduleError::DuplicateId when a task with this id is waiting, running
   /// or paused; ScheduleError::QueueFull when the waiting queue is full. On
@@ -174,7 +176,11 @@ class Engine {
   /// within the running, block and token budgets, preempting lower-priority
   /// work for the first task that does not fit. The plan stays valid until the
   /// next step(). Serving-loop thread only; concurrent with submit, cancel and
-  /// stats. No allocation once the engine has seen its largest plan.
+  /// stats. Allocates only to grow a recycled buffer past any size it has had:
+  /// a plan vector, or the block list of a task slot, which keeps its capacity
+  /// from task to task (a slot that held only small tasks grows once for a
+  /// larger one). So allocation stops once every slot has held the largest
+  /// task it will hold; a step with nothing to change never allocates.
   /// Out of memory: each decision (a preemption, resumption or admission) is
   /// made whole or not at all. If an allocation fails before the first
   /// decision, step() throws std::bad_alloc (cancels from other threads and

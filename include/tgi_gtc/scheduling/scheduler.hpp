@@ -58,9 +58,11 @@ class Scheduler {
   /// 1, 2, 3, ...: unique across threads (wraps only after 2^64 calls).
   TaskId next_id() noexcept;
 
-  /// Queues a copy of `task`. Empty on success; ScheduleError::QueueFull when
-  /// len() has reached max_queue_size; ScheduleError::DuplicateId when a task
-  /// with the same id is queued. On failure nothing changes.
+  /// Queues a copy of `task`. Empty on success; ScheduleError::InvalidPriority
+  /// when task.priority is none of the four enumerators (checked first);
+  /// ScheduleError::QueueFull when len() has reached max_queue_size;
+  /// ScheduleError::DuplicateId when a task with the same id is queued. On
+  /// failure nothing changes.
   [[nodiscard]] std::error_code schedule(const ScheduledTask& task) noexcept;
 
   /// Removes and returns the highest-priority task (FIFO within a priority;

@@ -67,6 +67,7 @@ enum class ScheduleError {
   QueueFull = 1,        ///< "scheduler queue full"
   DuplicateId = 2,      ///< "task id already queued"
   ExceedsCapacity = 3,  ///< "task needs more KV blocks than the device pool holds" (Engine::submit)
+  InvalidPriority = 4,  ///< "task priority is not Low, Normal, High or Critical" (a value cast from an integer)
 };
 
 const std::error_category& schedule_error_category() noexcept;
