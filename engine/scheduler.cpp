@@ -13,11 +13,12 @@ namespace tgi_gtc::scheduling {
 namespace detail {
 
 #ifdef TGI_GTC_TEST_HOOKS
-// Test builds only (tests/races): called just before taking a ring ticket
-// (the task is QUEUED) and between taking it and publishing, so a test can
-// stall a producer exactly there; and on every pass of a consumer over a
-// ring, with the head it read, so a test can count passes or order producers
-// around them.
+// Test builds only (the target tgi_gtc_scheduling_hooks, linked by
+// tests/races and sched-stress-chaos, never the library itself): called just
+// before taking a ring ticket (the task is QUEUED) and between taking it and
+// publishing, so a test can stall a producer exactly there; and on every pass
+// of a consumer over a ring, with the head it read, so a test can count passes
+// or order producers around them.
 void (*g_before_ticket_hook)(std::uint64_t unused) = nullptr;
 void (*g_after_ticket_hook)(std::uint64_t ticket) = nullptr;
 void (*g_take_pass_hook)(std::uint64_t head) = nullptr;

@@ -2,6 +2,10 @@
 // threads, checks every guarantee it can observe, and names the first
 // violation. Exit status: 0 no violation, 1 a violation, 2 bad arguments,
 // 3 an error (e.g. the JSON file could not be written). See docs/stress.md.
+//
+// Compiled a second time as sched-stress-chaos (TGI_STRESS_CHAOS defined),
+// linked to a copy of the library with the Scheduler's test hooks, which it
+// uses to stall threads at random inside the Scheduler (chaos.hpp).
 #include <unistd.h>
 
 #include <cstdint>
@@ -15,10 +19,17 @@
 
 #include "stress.hpp"
 
+#ifdef TGI_STRESS_CHAOS
+#include "chaos.hpp"
+constexpr const char* kProgram = "sched-stress-chaos";
+#else
+constexpr const char* kProgram = "sched-stress";
+#endif
+
 namespace st = tgi_gtc::stress;
 
 int main(int argc, char** argv) {
-  CLI::App app{"sched-stress: stress and linearizability harness for tgi_gtc::scheduling"};
+  CLI::App app{std::string(kProgram) + ": stress and linearizability harness for tgi_gtc::scheduling"};
   std::string target_name = "scheduler";
   std::string mix_text;
   std::string json_path;
@@ -53,6 +64,13 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   app.add_flag("--progress,!--no-progress", progress, "progress line on stderr (default: when stderr is a terminal)");
+#ifdef TGI_STRESS_CHAOS
+  std::uint32_t chaos_every = 8;
+  app.add_option("--chaos", chaos_every,
+                 "stall the calling thread (yield, spin or sleep) at one in N of the Scheduler's test hook calls: before "
+                 "and after taking a ring ticket, and at each consumer pass over a ring; 0: never")
+      ->capture_default_str();
+#endif
 
   try {
     app.parse(argc, argv);
@@ -73,29 +91,62 @@ int main(int argc, char** argv) {
   try {
     if (!mix_text.empty()) cfg.mix = st::parse_mix(cfg.target, mix_text);
   } catch (const std::invalid_argument& e) {
-    std::cerr << "sched-stress: --mix: " << e.what() << "\n";
+    std::cerr << kProgram << ": --mix: " << e.what() << "\n";
     return 2;
   }
 
+#ifdef TGI_STRESS_CHAOS
+  if (cfg.target != st::Target::Scheduler) {
+    std::cerr << kProgram << ": --target " << target_name
+              << ": only the Scheduler has test hooks; run sched-stress for the other targets\n";
+    return 2;
+  }
+#endif
+
   // The seed first, so that a crash can be replayed.
-  std::cout << "sched-stress: target " << target_name << ", seed " << seed << std::endl;
+  std::cout << kProgram << ": target " << target_name << ", seed " << seed << std::endl;
   st::Report report;
   try {
+#ifdef TGI_STRESS_CHAOS
+    st::install_chaos(seed, chaos_every);
+#endif
     report = st::run(cfg);
   } catch (const std::invalid_argument& e) {
-    std::cerr << "sched-stress: " << e.what() << "\n";
+    std::cerr << kProgram << ": " << e.what() << "\n";
     return 2;
   } catch (const std::exception& e) {
-    std::cerr << "sched-stress: error: " << e.what() << "\n";
+    std::cerr << kProgram << ": error: " << e.what() << "\n";
     return 3;
   }
+#ifdef TGI_STRESS_CHAOS
+  st::remove_chaos();
+  const st::ChaosCounts chaos = st::chaos_counts();
+  report.stats.emplace_back("chaos_every", chaos_every);
+  report.stats.emplace_back("chaos_hook_calls", chaos.hook_calls);
+  report.stats.emplace_back("chaos_yields", chaos.yields);
+  report.stats.emplace_back("chaos_spins", chaos.spins);
+  report.stats.emplace_back("chaos_sleeps", chaos.sleeps);
+  if (chaos_every != 0) {
+    report.notes.push_back("chaos: " + std::to_string(chaos.yields + chaos.spins + chaos.sleeps) + " of " +
+                           std::to_string(chaos.hook_calls) + " hook calls stalled (" + std::to_string(chaos.yields) +
+                           " yields, " + std::to_string(chaos.spins) + " spins, " + std::to_string(chaos.sleeps) +
+                           " sleeps)");
+  }
+#endif
   st::print_summary(std::cout, report);
+#ifdef TGI_STRESS_CHAOS
+  if (chaos_every != 0 && chaos.hook_calls == 0) {
+    // The library this was linked to has no hooks, or the run never reached them.
+    std::cerr << kProgram << ": error: no test hook was called, so nothing was stalled\n";
+    return 3;
+  }
+#endif
   if (!json_path.empty()) {
     std::ofstream out(json_path);
     st::write_json(out, report);
     out.close();
     if (!out) {
-      std::cerr << "sched-stress: cannot write " << json_path << "\n";
+      std::cerr << kProgram << ": cannot write " << json_path << "\n";
       return 3;
     }
   }

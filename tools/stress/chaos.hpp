@@ -1,0 +1,41 @@
+// Chaos for sched-stress-chaos: stalls threads inside the Scheduler, at the
+// points where a stall matters most.
+//
+// sched-stress-chaos links a copy of the library compiled with
+// TGI_GTC_TEST_HOOKS, whose Scheduler calls three hooks (engine/scheduler.cpp):
+// before a producer takes a ring ticket, between taking the ticket and
+// publishing the task (while the ticket is open), and on each pass of a
+// consumer over a ring, just after it read the head. At one hook call in
+// `every`, drawn at random per thread, the calling thread yields its core
+// (3 in 4 of those calls), spins for 1 to 2,048 pause instructions (about 1 in
+// 4), or sleeps 50 to 500 us (1 in 64). Without it, on a machine with few
+// cores, a thread nearly always runs those windows to their end; with it, the
+// interleavings the invariants are about (a consumer meeting an open ticket, a
+// cancel racing a publish, a head moved under a scan) become frequent.
+//
+// Not part of the library: the hooks exist only in test builds.
+#pragma once
+
+#include <cstdint>
+
+namespace tgi_gtc::stress {
+
+struct ChaosCounts {
+  std::uint64_t hook_calls = 0;  ///< hook calls seen
+  std::uint64_t yields = 0;
+  std::uint64_t spins = 0;
+  std::uint64_t sleeps = 0;
+};
+
+/// Installs the hooks: from now on one hook call in `every` (at random) is
+/// perturbed; `every` == 0 installs none. Call while no other thread uses a
+/// Scheduler (before the workers start).
+void install_chaos(std::uint64_t seed, std::uint32_t every);
+
+/// Removes them. Call while no other thread uses a Scheduler (after the join).
+void remove_chaos();
+
+/// Totals of the threads that have exited, plus the calling thread's.
+ChaosCounts chaos_counts();
+
+}  // namespace tgi_gtc::stress
