@@ -18,20 +18,27 @@ namespace detail {
 // before taking a ring ticket (the task is QUEUED) and between taking it and
 // publishing, so a test can stall a producer exactly there; and on every pass
 // of a consumer over a ring, with the head it read, so a test can count passes
-// or order producers around them.
+// or order producers around them. And when a producer's cell still holds an
+// earlier lap's task and head has not passed that task's ticket, with the
+// producer's ticket, just before it reads the task's state: a stall there
+// lets the task be taken and its bucket reused under the read.
 void (*g_before_ticket_hook)(std::uint64_t unused) = nullptr;
 void (*g_after_ticket_hook)(std::uint64_t ticket) = nullptr;
 void (*g_take_pass_hook)(std::uint64_t head) = nullptr;
+void (*g_lapped_cell_hook)(std::uint64_t ticket) = nullptr;
 #define TGI_GTC_BEFORE_TICKET() \
   if (g_before_ticket_hook) g_before_ticket_hook(0)
 #define TGI_GTC_AFTER_TICKET(t) \
   if (g_after_ticket_hook) g_after_ticket_hook(t)
 #define TGI_GTC_TAKE_PASS(h) \
   if (g_take_pass_hook) g_take_pass_hook(h)
+#define TGI_GTC_LAPPED_CELL(t) \
+  if (g_lapped_cell_hook) g_lapped_cell_hook(t)
 #else
 #define TGI_GTC_BEFORE_TICKET()
 #define TGI_GTC_AFTER_TICKET(t)
 #define TGI_GTC_TAKE_PASS(h)
+#define TGI_GTC_LAPPED_CELL(t)
 #endif
 
 namespace {
@@ -344,6 +351,7 @@ void SchedulerCore::publish(Ring& ring, std::uint32_t b, std::uint64_t queued) n
         // which we may steal; a queued (or being taken) task keeps its cell.
         const std::uint64_t old_ticket = t - static_cast<std::uint64_t>(-age) * capacity;
         if (ring.head.load() <= old_ticket) {
+          TGI_GTC_LAPPED_CELL(t);
           const std::uint32_t x = cell_bucket(w);
           const std::uint64_t xs = table_[x].state.load();
           // I3: head still at or before its ticket, so xs is that task's state.

@@ -1,6 +1,7 @@
-// Races forced deterministically: the library is compiled here with
-// TGI_GTC_TEST_HOOKS, so a test can stall a producer between taking its ring
-// ticket and publishing its task, which random stress hits only by luck.
+// Races forced deterministically: linked to tgi_gtc_scheduling_hooks, the
+// library compiled with TGI_GTC_TEST_HOOKS, so a test can stall a thread at a
+// chosen point (between a producer's ring ticket and its publish, say), which
+// random stress hits only by luck.
 #include <doctest/doctest.h>
 
 #include <atomic>
@@ -17,39 +18,64 @@ namespace tgi_gtc::scheduling::detail {
 extern void (*g_before_ticket_hook)(std::uint64_t unused);
 extern void (*g_after_ticket_hook)(std::uint64_t ticket);
 extern void (*g_take_pass_hook)(std::uint64_t head);
+extern void (*g_lapped_cell_hook)(std::uint64_t ticket);
 }
 
 using namespace tgi_gtc::scheduling;
 
 namespace {
 
-// Stalls the first producer that takes a ticket after construction (or, with
-// `before`, that is about to take one), until release().
-struct Stall {
+// Stalls the first thread that calls the hook `where` after construction,
+// until release(). `Slot` keeps the state of stalls at different hooks apart,
+// so that two can hold a thread each at once.
+template <int Slot>
+struct StallAt {
   static inline std::atomic<int> state{0};  // 0 off, 1 armed, 2 holding, 3 released
-  static inline std::atomic<int> tickets{0};  // hook calls (tickets taken) since construction
-  static void hook(std::uint64_t) {
+  static inline std::atomic<int> tickets{0};  // hook calls since construction
+  static inline std::atomic<std::uint64_t> held_at{0};  // the argument of the stalled call
+  static void hook(std::uint64_t arg) {
     tickets.fetch_add(1);
     int armed = 1;
     if (state.compare_exchange_strong(armed, 2)) {
+      held_at = arg;
       while (state.load() != 3) std::this_thread::yield();
     }
   }
-  explicit Stall(bool before = false) {
+  explicit StallAt(void (*&where)(std::uint64_t)) : where_(where) {
     tickets = 0;
+    held_at = 0;
     state = 1;
-    (before ? detail::g_before_ticket_hook : detail::g_after_ticket_hook) = &hook;
+    where_ = &hook;
   }
+  StallAt(const StallAt&) = delete;
+  StallAt& operator=(const StallAt&) = delete;
   void wait_held() const {
     while (state.load() != 2) std::this_thread::yield();
   }
   void release() { state = 3; }
-  ~Stall() {
+  ~StallAt() {
     release();
-    detail::g_before_ticket_hook = nullptr;
-    detail::g_after_ticket_hook = nullptr;
+    where_ = nullptr;
     state = 0;
   }
+
+ private:
+  void (*&where_)(std::uint64_t);
+};
+
+// Stalls the first producer that takes a ticket after construction (or, with
+// `before`, that is about to take one); tickets counts the tickets taken (or
+// about to be).
+struct Stall : StallAt<0> {
+  explicit Stall(bool before = false)
+      : StallAt<0>(before ? detail::g_before_ticket_hook : detail::g_after_ticket_hook) {}
+};
+
+// Stalls the first producer whose cell holds an earlier lap's task that head
+// has not passed, just before it reads that task's state; held_at is its
+// ticket.
+struct LappedStall : StallAt<1> {
+  LappedStall() : StallAt<1>(detail::g_lapped_cell_hook) {}
 };
 
 // schedule(task) on a thread of its own; returned() says whether it has.
@@ -267,6 +293,50 @@ TEST_CASE("a cancel that misses the cell of a task published late leaves no tomb
   });
   finish_or_exit(done, "schedule() hung: cancelled tasks' tombstones filled the table");
   work.join();
+}
+
+TEST_CASE("a producer that meets an earlier lap's task in its cell reads that task's state, not a reuser's") {
+  // Task 1 is queued at ticket 0 and stays at head while 127 tasks are
+  // scheduled and cancelled behind it, so the next ticket, 128, lands on its
+  // cell again (a queue of eight has rings of 128 cells) with head not past
+  // it. The producer of task 2 stalls there, just before it reads task 1's
+  // state. Meanwhile task 1 is taken, and its id scheduled again into the
+  // same bucket and cancelled before its first ticket. The state the producer
+  // then reads is the new task's, CANCELLED: unless it sees that head has
+  // moved, it takes the cell for a tombstone of that task and frees the
+  // bucket, while the new task's producer still holds it and goes on to
+  // publish a task in a free bucket. The next task to claim that bucket would
+  // then be taken from that cell, ahead of a task scheduled before it.
+  Scheduler s(SchedulerConfig{.max_queue_size = 8, .priority_scheduling = false});
+  REQUIRE_FALSE(s.schedule(ScheduledTask(1, 10)));
+  for (TaskId id = 100; id < 100 + 127; ++id) {
+    REQUIRE_FALSE(s.schedule(ScheduledTask(id, 10)));
+    REQUIRE(s.cancel(id));
+  }
+  {
+    LappedStall lapped;
+    std::thread p([&] { REQUIRE_FALSE(s.schedule(ScheduledTask(2, 10))); });
+    lapped.wait_held();
+    CHECK(LappedStall::held_at.load() == 128);
+    REQUIRE(next_task(s) == 1);
+    Stall stall(/*before=*/true);
+    std::thread y([&] { REQUIRE_FALSE(s.schedule(ScheduledTask(1, 10))); });
+    stall.wait_held();
+    const auto c = s.cancel(1);
+    REQUIRE(c);
+    lapped.release();
+    p.join();
+    stall.release();
+    y.join();
+  }
+  CHECK(s.len() == 1);  // task 2
+  REQUIRE_FALSE(s.schedule(ScheduledTask(3, 10)));
+  REQUIRE_FALSE(s.schedule(ScheduledTask(1, 10)));  // the same bucket once more
+  CHECK(next_task(s) == 2);
+  CHECK(next_task(s) == 3);  // FIFO: 3 was scheduled before 1
+  CHECK(next_task(s) == 1);
+  CHECK_FALSE(s.next());
+  CHECK(s.len() == 0);
 }
 
 // ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ namespace tgi_gtc::scheduling::detail {
 extern void (*g_before_ticket_hook)(std::uint64_t unused);
 extern void (*g_after_ticket_hook)(std::uint64_t ticket);
 extern void (*g_take_pass_hook)(std::uint64_t head);
+extern void (*g_lapped_cell_hook)(std::uint64_t ticket);
 }  // namespace tgi_gtc::scheduling::detail
 
 namespace tgi_gtc::stress {
@@ -90,6 +91,7 @@ void install_chaos(std::uint64_t seed, std::uint32_t every) {
   lib::g_before_ticket_hook = hook;
   lib::g_after_ticket_hook = hook;
   lib::g_take_pass_hook = hook;
+  lib::g_lapped_cell_hook = hook;
   g_seed = seed;
   g_every = every;
 }

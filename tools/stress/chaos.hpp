@@ -2,16 +2,20 @@
 // points where a stall matters most.
 //
 // sched-stress-chaos links a copy of the library compiled with
-// TGI_GTC_TEST_HOOKS, whose Scheduler calls three hooks (engine/scheduler.cpp):
+// TGI_GTC_TEST_HOOKS, whose Scheduler calls four hooks (engine/scheduler.cpp):
 // before a producer takes a ring ticket, between taking the ticket and
-// publishing the task (while the ticket is open), and on each pass of a
-// consumer over a ring, just after it read the head. At one hook call in
-// `every`, drawn at random per thread, the calling thread yields its core
-// (3 in 4 of those calls), spins for 1 to 2,048 pause instructions (about 1 in
-// 4), or sleeps 50 to 500 us (1 in 64). Without it, on a machine with few
-// cores, a thread nearly always runs those windows to their end; with it, the
-// interleavings the invariants are about (a consumer meeting an open ticket, a
-// cancel racing a publish, a head moved under a scan) become frequent.
+// publishing the task (while the ticket is open), when a producer's cell
+// still holds an earlier lap's task that head has not passed (before it reads
+// that task's state), and on each pass of a consumer over a ring, just after
+// it read the head. At one hook call in `every`, drawn at random per thread,
+// the calling thread yields its core (3 in 4 of those calls), spins for 1 to
+// 2,048 pause instructions (about 1 in 4), or sleeps 50 to 500 us (1 in 64).
+// Without it, on a machine with few cores, a thread nearly always runs those
+// windows to their end; with it, the interleavings the invariants are about (a
+// consumer meeting an open ticket, a cancel racing a publish, a head moved
+// under a scan) become frequent. The lapped-cell hook is rarely reached at
+// all: its state needs a task kept at head for a whole lap of tickets, which
+// tests/races builds on purpose (docs/stress.md, Chaos).
 //
 // Not part of the library: the hooks exist only in test builds.
 #pragma once
