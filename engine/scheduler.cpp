@@ -26,14 +26,16 @@ void (*g_before_ticket_hook)(std::uint64_t unused) = nullptr;
 void (*g_after_ticket_hook)(std::uint64_t ticket) = nullptr;
 void (*g_take_pass_hook)(std::uint64_t head) = nullptr;
 void (*g_lapped_cell_hook)(std::uint64_t ticket) = nullptr;
+// Each reads its pointer once: a test may clear it while another thread
+// passes the hook.
 #define TGI_GTC_BEFORE_TICKET() \
-  if (g_before_ticket_hook) g_before_ticket_hook(0)
+  if (auto* hook_ = g_before_ticket_hook) hook_(0)
 #define TGI_GTC_AFTER_TICKET(t) \
-  if (g_after_ticket_hook) g_after_ticket_hook(t)
+  if (auto* hook_ = g_after_ticket_hook) hook_(t)
 #define TGI_GTC_TAKE_PASS(h) \
-  if (g_take_pass_hook) g_take_pass_hook(h)
+  if (auto* hook_ = g_take_pass_hook) hook_(h)
 #define TGI_GTC_LAPPED_CELL(t) \
-  if (g_lapped_cell_hook) g_lapped_cell_hook(t)
+  if (auto* hook_ = g_lapped_cell_hook) hook_(t)
 #else
 #define TGI_GTC_BEFORE_TICKET()
 #define TGI_GTC_AFTER_TICKET(t)

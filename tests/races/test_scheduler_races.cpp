@@ -30,14 +30,16 @@ namespace {
 // so that two can hold a thread each at once.
 template <int Slot>
 struct StallAt {
-  static inline std::atomic<int> state{0};  // 0 off, 1 armed, 2 holding, 3 released
+  // 0 off, 1 armed, 4 claimed (held_at being written), 2 holding, 3 released
+  static inline std::atomic<int> state{0};
   static inline std::atomic<int> tickets{0};  // hook calls since construction
   static inline std::atomic<std::uint64_t> held_at{0};  // the argument of the stalled call
   static void hook(std::uint64_t arg) {
     tickets.fetch_add(1);
     int armed = 1;
-    if (state.compare_exchange_strong(armed, 2)) {
-      held_at = arg;
+    if (state.compare_exchange_strong(armed, 4)) {
+      held_at = arg;  // before wait_held() can return
+      state = 2;
       while (state.load() != 3) std::this_thread::yield();
     }
   }
@@ -49,8 +51,17 @@ struct StallAt {
   }
   StallAt(const StallAt&) = delete;
   StallAt& operator=(const StallAt&) = delete;
+  // A thread that never reaches the hook (the state the test built does not
+  // lead there) fails the run in 30 s, with the reason, instead of hanging it.
   void wait_held() const {
-    while (state.load() != 2) std::this_thread::yield();
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (state.load() != 2) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        std::fprintf(stderr, "FAILED: no thread reached the hook this test stalls at within 30 s\n");
+        std::_Exit(1);
+      }
+      std::this_thread::yield();
+    }
   }
   void release() { state = 3; }
   ~StallAt() {

@@ -84,16 +84,22 @@ void perturb(std::uint64_t /*ticket or head*/) noexcept {
   }
 }
 
-}  // namespace
-
-void install_chaos(std::uint64_t seed, std::uint32_t every) {
-  void (*hook)(std::uint64_t) = every == 0 ? nullptr : &perturb;
+void set_hooks(void (*hook)(std::uint64_t)) {
   lib::g_before_ticket_hook = hook;
   lib::g_after_ticket_hook = hook;
   lib::g_take_pass_hook = hook;
   lib::g_lapped_cell_hook = hook;
+}
+
+}  // namespace
+
+// The settings are written while the hooks are cleared, so that no hook ever
+// runs with every == 0.
+void install_chaos(std::uint64_t seed, std::uint32_t every) {
+  set_hooks(nullptr);
   g_seed = seed;
   g_every = every;
+  if (every != 0) set_hooks(&perturb);
 }
 
 void remove_chaos() { install_chaos(0, 0); }
