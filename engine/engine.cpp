@@ -112,6 +112,20 @@
 
 namespace tgi_gtc::scheduling {
 namespace detail {
+
+#ifdef TGI_GTC_TEST_HOOKS
+// Test builds only (tgi_gtc_scheduling_hooks, as the Scheduler's hooks in
+// scheduler.cpp): called by step() with the id of the waiting task it peeked,
+// before it registers the task and takes it out of the waiting queue, so a
+// test can cancel and re-submit that id there (the park in admit_waiting).
+void (*g_admit_peeked_hook)(std::uint64_t id) = nullptr;
+// Reads its pointer once: a test may clear it while the loop passes the hook.
+#define TGI_GTC_ADMIT_PEEKED(id) \
+  if (auto* hook_ = g_admit_peeked_hook) hook_(id)
+#else
+#define TGI_GTC_ADMIT_PEEKED(id)
+#endif
+
 namespace {
 
 constexpr std::uint32_t kNil = ~std::uint32_t{0};
@@ -296,8 +310,10 @@ class EngineCore {
 
   EngineStats stats() const {
     EngineStats st{};
-    st.waiting = waiting_.len();
-    // relaxed: plain counters published by the loop; no data hangs off them.
+    // relaxed: plain counters published by the loop (publish()'s relaxed
+    // stores); no data hangs off them. A parked task (admit_waiting) never
+    // ran: it counts as waiting, not paused.
+    st.waiting = waiting_.len() + pub_.parked.load(std::memory_order::relaxed);
     st.running = pub_.running.load(std::memory_order::relaxed);
     st.paused = pub_.paused.load(std::memory_order::relaxed);
     st.stalled = pub_.stalled.load(std::memory_order::relaxed);
@@ -405,6 +421,7 @@ class EngineCore {
     // relaxed: statistics only (see stats()).
     pub_.running.store(running_, std::memory_order::relaxed);
     pub_.paused.store(paused_count_, std::memory_order::relaxed);
+    pub_.parked.store(parked_count_, std::memory_order::relaxed);
     pub_.stalled.store(deficit_.size(), std::memory_order::relaxed);
     pub_.preemptions.store(preemptions_, std::memory_order::relaxed);
     pub_.resumptions.store(resumptions_, std::memory_order::relaxed);
@@ -467,7 +484,7 @@ class EngineCore {
     }
     ++l.size;
     paused_mask_ |= 1u << r.level;
-    ++paused_count_;
+    ++(r.never_ran ? parked_count_ : paused_count_);
     r.state = State::kPaused;
   }
   void remove_paused(std::uint32_t s) noexcept {
@@ -475,7 +492,7 @@ class EngineCore {
     List& l = paused_[r.level];
     unlink(l, s);
     if (l.size == 0) paused_mask_ &= ~(1u << r.level);
-    --paused_count_;
+    --(r.never_ran ? parked_count_ : paused_count_);
   }
 
   // Callers make room in deficit_ first (grow()); push_back comes before the
@@ -835,6 +852,7 @@ class EngineCore {
   // Takes the peeked task `w` out of waiting_ and runs it. False when it was
   // cancelled meanwhile, or replaced (see park below).
   bool admit_waiting(const ScheduledTask& w, std::size_t need) {
+    TGI_GTC_ADMIT_PEEKED(w.id);
     const std::uint32_t s = free_slots_.back();
     // Memory first: a throw here changes nothing (the slot's lists are empty).
     recs_[s].device.reserve(need);
@@ -913,7 +931,8 @@ class EngineCore {
   std::vector<std::uint32_t> scratch_;
   std::vector<BlockId> deferred_host_;
   std::size_t running_ = 0;
-  std::size_t paused_count_ = 0;
+  std::size_t paused_count_ = 0;  // in paused_, preempted (not parked)
+  std::size_t parked_count_ = 0;  // in paused_, parked before they ever ran
   std::uint64_t stamp_seq_ = 0;
   std::uint64_t admit_seq_ = 0;
   std::uint64_t step_no_ = 0;
@@ -936,6 +955,7 @@ class EngineCore {
     std::atomic<std::uint64_t> resumptions{0};
     std::atomic<std::uint64_t> recomputes{0};
     std::atomic<std::uint64_t> cut_short{0};
+    std::atomic<std::size_t> parked{0};
   } pub_;
   static_assert(alignof(Published) == 64 && sizeof(Published) == 64, "published counters: one line");
 };

@@ -14,6 +14,8 @@
 
 #include <tgi_gtc/scheduling.hpp>
 
+#include "races/stall.hpp"
+
 namespace tgi_gtc::scheduling::detail {
 extern void (*g_before_ticket_hook)(std::uint64_t unused);
 extern void (*g_after_ticket_hook)(std::uint64_t ticket);
@@ -22,57 +24,10 @@ extern void (*g_lapped_cell_hook)(std::uint64_t ticket);
 }
 
 using namespace tgi_gtc::scheduling;
+using tgi_test::finish_or_exit;
+using tgi_test::StallAt;
 
 namespace {
-
-// Stalls the first thread that calls the hook `where` after construction,
-// until release(). `Slot` keeps the state of stalls at different hooks apart,
-// so that two can hold a thread each at once.
-template <int Slot>
-struct StallAt {
-  // 0 off, 1 armed, 4 claimed (held_at being written), 2 holding, 3 released
-  static inline std::atomic<int> state{0};
-  static inline std::atomic<int> tickets{0};  // hook calls since construction
-  static inline std::atomic<std::uint64_t> held_at{0};  // the argument of the stalled call
-  static void hook(std::uint64_t arg) {
-    tickets.fetch_add(1);
-    int armed = 1;
-    if (state.compare_exchange_strong(armed, 4)) {
-      held_at = arg;  // before wait_held() can return
-      state = 2;
-      while (state.load() != 3) std::this_thread::yield();
-    }
-  }
-  explicit StallAt(void (*&where)(std::uint64_t)) : where_(where) {
-    tickets = 0;
-    held_at = 0;
-    state = 1;
-    where_ = &hook;
-  }
-  StallAt(const StallAt&) = delete;
-  StallAt& operator=(const StallAt&) = delete;
-  // A thread that never reaches the hook (the state the test built does not
-  // lead there) fails the run in 30 s, with the reason, instead of hanging it.
-  void wait_held() const {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    while (state.load() != 2) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        std::fprintf(stderr, "FAILED: no thread reached the hook this test stalls at within 30 s\n");
-        std::_Exit(1);
-      }
-      std::this_thread::yield();
-    }
-  }
-  void release() { state = 3; }
-  ~StallAt() {
-    release();
-    where_ = nullptr;
-    state = 0;
-  }
-
- private:
-  void (*&where_)(std::uint64_t);
-};
 
 // Stalls the first producer that takes a ticket after construction (or, with
 // `before`, that is about to take one); tickets counts the tickets taken (or
@@ -104,17 +59,6 @@ struct AsyncSchedule {
     return result;
   }
 };
-
-// Waits up to 30 s for `done`; past that, a call the test started is stuck:
-// reports `what` and leaves at once (the stuck thread cannot be joined).
-void finish_or_exit(const std::atomic<bool>& done, const char* what) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (!done && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  if (!done) {
-    std::fprintf(stderr, "FAILED: %s\n", what);
-    std::_Exit(1);
-  }
-}
 
 // The id of the task next() returns; fails the test, rather than crash, when
 // next() returns nothing.

@@ -9,12 +9,14 @@
 #include "driver.hpp"     // mix64
 
 namespace tgi_gtc::scheduling::detail {
-// Defined by engine/scheduler.cpp when it is compiled with TGI_GTC_TEST_HOOKS
-// (linking without them fails here, not silently at run time).
+// Defined by engine/scheduler.cpp and engine/engine.cpp when they are
+// compiled with TGI_GTC_TEST_HOOKS (linking without them fails here, not
+// silently at run time).
 extern void (*g_before_ticket_hook)(std::uint64_t unused);
 extern void (*g_after_ticket_hook)(std::uint64_t ticket);
 extern void (*g_take_pass_hook)(std::uint64_t head);
 extern void (*g_lapped_cell_hook)(std::uint64_t ticket);
+extern void (*g_admit_peeked_hook)(std::uint64_t id);
 }  // namespace tgi_gtc::scheduling::detail
 
 namespace tgi_gtc::stress {
@@ -89,6 +91,7 @@ void set_hooks(void (*hook)(std::uint64_t)) {
   lib::g_after_ticket_hook = hook;
   lib::g_take_pass_hook = hook;
   lib::g_lapped_cell_hook = hook;
+  lib::g_admit_peeked_hook = hook;
 }
 
 }  // namespace

@@ -116,7 +116,12 @@ struct StepPlan {
 };
 
 struct EngineStats {
-  std::size_t waiting;   ///< tasks in the waiting queue (Scheduler::len())
+  /// Tasks accepted and not yet admitted: the waiting queue (Scheduler::len())
+  /// plus any task step() took out of it but holds back, because it was
+  /// cancelled and re-submitted with other fields while step() took it (it is
+  /// admitted after its priority's paused tasks, ahead of its waiting queue;
+  /// docs/engine.md).
+  std::size_t waiting;
   std::size_t running;   ///< admitted or resumed, not finished, paused or cancelled
   std::size_t paused;    ///< preempted, not yet resumed
   std::size_t stalled;   ///< running tasks short of blocks for their tokens
