@@ -156,6 +156,28 @@ TEST_CASE("broken-engine: a preemption left out of the plan is reported") {
   REQUIRE_FALSE(r.ok());
   CHECK(count_of(r, "lifecycle") + count_of(r, "engine") + count_of(r, "blocks") > 0);
 }
+
+TEST_CASE("broken-engine-order: an engine blind to priorities is reported as order, naming both tasks") {
+  const auto seed = tgi_test::seed();
+  MESSAGE("seed=" << seed);
+  const auto r = st::run(config(st::Target::BrokenEngineOrder, 4, 20000, seed));
+  INFO(describe(r));
+  REQUIRE_FALSE(r.ok());
+  CHECK(count_of(r, "lifecycle") + count_of(r, "engine") + count_of(r, "blocks") + count_of(r, "payload") == 0);
+  REQUIRE(count_of(r, "order") > 0);
+  const auto* v = first_of(r, "order");
+  REQUIRE(v != nullptr);
+  CHECK(v->ids.size() == 2);
+  CHECK(v->ids[0] != v->ids[1]);
+}
+
+TEST_CASE("broken-engine-order in FIFO mode, where priorities do not count, passes") {
+  auto c = config(st::Target::BrokenEngineOrder, 4, 20000, tgi_test::seed());
+  c.fifo = true;
+  const auto r = st::run(c);
+  INFO(describe(r));
+  CHECK(r.ok());
+}
 #endif
 
 TEST_CASE("the real targets pass the runs that fail the broken ones" * doctest::test_suite("stress")) {
@@ -190,6 +212,7 @@ TEST_CASE("the real targets pass the runs that fail the broken ones" * doctest::
     INFO(describe(r));
     CHECK(r.ok());
     CHECK(r.stat("preemptions") > 0);
+    CHECK(r.stat("victims_cause_checked") > 0);
   }
 #endif
 }

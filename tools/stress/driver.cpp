@@ -25,6 +25,7 @@ constexpr TargetName kTargets[] = {
     {Target::BrokenDropping, "broken-dropping"},
     {Target::BrokenPool, "broken-pool"},
     {Target::BrokenEngine, "broken-engine"},
+    {Target::BrokenEngineOrder, "broken-engine-order"},
 };
 }  // namespace
 
@@ -52,6 +53,7 @@ std::vector<Target> available_targets() {
   out.push_back(Target::BrokenPool);
 #if TGI_STRESS_HAS_ENGINE
   out.push_back(Target::BrokenEngine);
+  out.push_back(Target::BrokenEngineOrder);
 #endif
   return out;
 }
@@ -67,6 +69,7 @@ Mix default_mix(Target t) {
       return {{"allocate", 40}, {"share", 20}, {"release", 40}};
     case Target::Engine:
     case Target::BrokenEngine:
+    case Target::BrokenEngineOrder:
       return {{"submit", 30}, {"cancel", 5}, {"step", 30}, {"append", 30}, {"finish", 5}};
   }
   return {};
@@ -142,6 +145,7 @@ Report run(Config config) {
       break;
     case Target::Engine:
     case Target::BrokenEngine:
+    case Target::BrokenEngineOrder:
       if (config.capacity == 0) config.capacity = 256;
       r.config = config;
       detail::run_engine_target(config, r);

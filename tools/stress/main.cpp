@@ -100,7 +100,7 @@ int main(int argc, char** argv) {
   // The hooks are the Scheduler's: the Engine queues its tasks in two of them,
   // the pool and the other broken targets use none.
   if (cfg.target != st::Target::Scheduler && cfg.target != st::Target::Engine &&
-      cfg.target != st::Target::BrokenEngine) {
+      cfg.target != st::Target::BrokenEngine && cfg.target != st::Target::BrokenEngineOrder) {
     std::cerr << kProgram << ": --target " << target_name
               << ": no Scheduler inside, so no test hooks to stall at; run sched-stress for it\n";
     return 2;

@@ -27,7 +27,11 @@
 //              in this step) and preemptible; a task cancelled before a step
 //              is gone after it; a task that loses its blocks was cancelled;
 //              stats() running/paused agree with the model;
-//   payload    every task in a plan is the one submitted under its id.
+//   payload    every task in a plan is the one submitted under its id;
+//   order      admissions and resumptions follow priority, then paused before
+//              waiting, then arrival; every preemption has a cause, and
+//              victims go lowest priority first, then most recently run
+//              (check_order, as far as the stamps make a violation certain).
 // At the end of each epoch the loop (after the producers stopped) cancels
 // every id of the epoch and checks the answer against the model: every
 // accepted task is in exactly one of finished, cancelled or still there;
@@ -114,6 +118,9 @@ struct LoopRec {
   std::uint32_t host_n = 0;
   std::uint64_t admit_start = 0, admit_end = 0;  // the step that admitted it
   std::uint64_t end_start = 0, end_end = 0;      // the call that finished or cancelled it
+  std::uint64_t arrival = 0;  // rank of its admission among all admissions (the engine's arrival order)
+  std::uint64_t run_seq = 0;  // rank of its last admission or resumption (the victims' "most recent")
+  bool stalled = false;       // running and short of blocks (within the pool) when the step began
 };
 
 struct Owner {
@@ -134,29 +141,66 @@ void min_store(std::atomic<std::uint64_t>& a, std::uint64_t v) {
   }
 }
 
-/// An Engine whose plans lose every `every`-th preemption: the task is paused
-/// (its blocks freed) but the serving loop is not told. The checks must catch it.
-class PlanDroppingEngine {
+/// Forwards every call to a real Engine; the broken engines below replace
+/// the calls they break.
+class EngineWrapper {
  public:
-  PlanDroppingEngine(EngineConfig config, std::uint64_t every) : engine_(config), every_(every) {}
+  explicit EngineWrapper(EngineConfig config) : engine_(config) {}
   const EngineConfig& config() const noexcept { return engine_.config(); }
   [[nodiscard]] std::error_code submit(const ScheduledTask& t) noexcept { return engine_.submit(t); }
   bool cancel(TaskId id) noexcept { return engine_.cancel(id); }
-  const StepPlan& step() {
-    plan_ = engine_.step();
-    std::erase_if(plan_.preempted, [&](const scheduling::Preemption&) { return ++preemptions_ % every_ == 0; });
-    return plan_;
-  }
+  const StepPlan& step() { return engine_.step(); }
   [[nodiscard]] bool append_tokens(TaskId id, std::size_t n) { return engine_.append_tokens(id, n); }
   void finish(TaskId id) { engine_.finish(id); }
   std::span<const BlockId> block_table(TaskId id) const { return engine_.block_table(id); }
   const scheduling::Scheduler& scheduler() const noexcept { return engine_.scheduler(); }
   scheduling::EngineStats stats() const { return engine_.stats(); }
 
- private:
+ protected:
   Engine engine_;
+};
+
+/// An Engine whose plans lose every `every`-th preemption: the task is paused
+/// (its blocks freed) but the serving loop is not told. The checks must catch it.
+class PlanDroppingEngine : public EngineWrapper {
+ public:
+  PlanDroppingEngine(EngineConfig config, std::uint64_t every) : EngineWrapper(config), every_(every) {}
+  const StepPlan& step() {
+    plan_ = engine_.step();
+    std::erase_if(plan_.preempted, [&](const scheduling::Preemption&) { return ++preemptions_ % every_ == 0; });
+    return plan_;
+  }
+
+ private:
   std::uint64_t every_;
   std::uint64_t preemptions_ = 0;
+  StepPlan plan_;
+};
+
+/// An Engine that ignores priorities: it queues and preempts every task as
+/// Normal, and its plans report the priorities the tasks were submitted with.
+/// The order checks must catch it.
+class PriorityBlindEngine : public EngineWrapper {
+ public:
+  explicit PriorityBlindEngine(EngineConfig config) : EngineWrapper(config), priority_(kSlots) {}
+  [[nodiscard]] std::error_code submit(const ScheduledTask& t) noexcept {
+    // Live ids of an epoch span fewer than kSlots consecutive values.
+    priority_[t.id % kSlots].store(t.priority);
+    return engine_.submit(t.with_priority(Priority::Normal));
+  }
+  const StepPlan& step() {
+    plan_ = engine_.step();
+    for (auto& x : plan_.admitted) restore(x.task);
+    for (auto& x : plan_.resumed) restore(x.task);
+    for (auto& x : plan_.preempted) restore(x.task);
+    return plan_;
+  }
+
+ private:
+  static constexpr std::size_t kSlots = std::size_t{1} << 20;
+  static_assert(kSlots > kMaxIdsPerEpoch);
+  void restore(ScheduledTask& t) const { t.priority = priority_[t.id % kSlots].load(); }
+  std::vector<std::atomic<Priority>> priority_;
   StepPlan plan_;
 };
 
@@ -232,7 +276,9 @@ class EngineRun {
                 {"preemptions", st.preemptions},
                 {"resumptions", st.resumptions},
                 {"recomputes", st.recomputes},
-                {"append_refused", append_refused_}};
+                {"append_refused", append_refused_},
+                {"victims_cause_checked", victims_judged_},
+                {"victims_cause_unjudged", victims_unjudged_}};
     if (r_.epochs > 1) {
       r_.notes.push_back("checked in " + std::to_string(r_.epochs) + " epochs of at most " + std::to_string(ids_per_epoch_) +
                          " task ids; the loop cancels every task at each pause, so no task lives across epochs");
@@ -300,6 +346,7 @@ class EngineRun {
     if (id == 0) id = base_ == 0 ? 1 : base_;
     const bool mine = in_epoch(id);
     if (mine) shared_[idx(id)].cancels_begun.fetch_add(1);  // before the call: see after_step()
+    cancels_started_.fetch_add(1);                             // before the call: see check_order()
     const std::uint64_t t0 = clock_.tick();
     const bool ok = engine_.cancel(id);
     const std::uint64_t t1 = clock_.tick();
@@ -423,7 +470,178 @@ class EngineRun {
     o = {id, pos, 0};
   }
 
+  unsigned level_of(TaskId id) const { return cfg_.fifo ? 0 : scheduling::value(make_task(id).priority); }
+
+  // Adds the ids whose submit returned true since the last call to
+  // waiting_model_ (ids whose submit is still in flight are looked at again).
+  void refresh_waiting() {
+    const std::uint64_t used = std::min<std::uint64_t>(next_.load(), ids_per_epoch_);
+    std::size_t keep = 0;
+    const auto look = [&](std::uint64_t n, bool again) {
+      const std::uint8_t sub = shared_[n].submit.load();
+      if (sub == kAccepted) {
+        waiting_model_.push_back(base_ + n);
+      } else if (sub != kRefused) {
+        if (again) {
+          pending_[keep++] = n;
+        } else {
+          pending_.push_back(n);
+        }
+      }
+    };
+    const std::size_t old_pending = pending_.size();
+    for (std::size_t i = 0; i < old_pending; ++i) look(pending_[i], true);
+    pending_.erase(pending_.begin() + static_cast<std::ptrdiff_t>(keep), pending_.begin() + static_cast<std::ptrdiff_t>(old_pending));
+    for (; scanned_ < used; ++scanned_) look(scanned_, false);
+  }
+
+  // Order (after the plan is applied to the model, before the changed flags
+  // are cleared): what a step serves, and whom it preempts, follows the
+  // engine's rules, as far as the producers' stamps make them certain.
+  //   admission  a task admitted from the queue while a task of a higher
+  //              priority, or an older one of its own (submit returned before
+  //              its submit began), had been waiting since before the step
+  //              and still waits; or while a task of its priority or higher,
+  //              paused by an earlier step, stays paused (paused go first);
+  //   resumption likewise against waiting tasks of a higher priority and
+  //              paused tasks of a higher priority or an earlier arrival;
+  //   victims    a preemption without a cause (a task of a higher priority
+  //              admitted or resumed by the step, or a running task of the
+  //              victim's priority or higher short of blocks when it began;
+  //              not judged when a cancel ran during the step, since the task
+  //              a preemption made room for may have been cancelled before it
+  //              was taken); and, unless the victim was itself short of blocks
+  //              (it may have paused itself), a preemptible task that ran
+  //              before the step, of a lower priority, or of the victim's
+  //              priority and run more recently, left running.
+  // A task with a cancel in flight or done is never a witness.
+  void check_order(const StepPlan& plan, std::uint64_t t0, std::uint64_t t1, bool cancel_during_step) {
+    constexpr std::uint64_t kNever = std::numeric_limits<std::uint64_t>::max();
+    const unsigned levels = cfg_.fifo ? 1 : 4;
+    refresh_waiting();
+    // Per level: the waiting task whose submit returned first, if that was before the step.
+    struct Witness {
+      TaskId id = 0;
+      std::uint64_t key = kNever;
+    };
+    Witness waiting[4], paused[4];
+    for (const TaskId id : waiting_model_) {
+      if (loop_[idx(id)].state != State::kNone || cancel_seen(id)) continue;
+      const std::uint64_t end = shared_[idx(id)].submit_end.load();
+      Witness& w = waiting[level_of(id)];
+      if (end < t0 && end < w.key) w = {id, end};
+    }
+    // Per level: the paused task (paused before this step) that arrived first.
+    for (const TaskId id : paused_ids_) {
+      const LoopRec& rec = loop_[idx(id)];
+      if (rec.changed || cancel_seen(id)) continue;
+      Witness& w = paused[level_of(id)];
+      if (rec.arrival < w.key) w = {id, rec.arrival};
+    }
+    const auto prio = [&](TaskId id) {
+      return "task " + std::to_string(id) + " (" + std::string(scheduling::to_string(make_task(id).priority)) + (cfg_.fifo ? ", FIFO mode)" : ")");
+    };
+    const auto waited = [&](TaskId id) -> CallRef {
+      const SharedRec& sh = shared_[idx(id)];
+      return {"submit", id, sh.submit_start.load(), sh.submit_end.load()};
+    };
+    for (const auto& ad : plan.admitted) {
+      const TaskId b = ad.task.id;
+      if (!in_epoch(b)) continue;
+      const unsigned lb = level_of(b);
+      const std::uint64_t b_start = shared_[idx(b)].submit_start.load();  // 0 while its submit is in flight
+      // Queued when b was taken: still waiting, or admitted after b by this
+      // step (its queue wait and b's overlap either way).
+      for (const TaskId c : waiting_model_) {
+        const LoopRec& rc = loop_[idx(c)];
+        const bool later = rc.state == State::kNone || (rc.admit_start == t0 && rc.arrival > loop_[idx(b)].arrival);
+        if (c == b || !later || cancel_seen(c)) continue;
+        const std::uint64_t c_end = shared_[idx(c)].submit_end.load();
+        const unsigned lc = level_of(c);
+        if (c_end >= t0 || lc < lb || (lc == lb && (b_start == 0 || c_end >= b_start))) continue;
+        fail("order",
+             "step" + at(t0, t1) + " admitted " + prio(b) + " while " + prio(c) + ", submitted" + at(shared_[idx(c)].submit_start.load(), c_end) +
+                 (lc > lb ? "" : ", before " + std::to_string(b) + "'s submit began") + ", waited since before the step and " +
+                 (rc.state == State::kNone ? "still waits" : "was admitted after it"),
+             {b, c}, {waited(c), waited(b), {"step", b, t0, t1}});
+        break;
+      }
+      for (unsigned l = lb; l < levels; ++l) {
+        if (paused[l].id != 0) {
+          fail("order",
+               "step" + at(t0, t1) + " admitted waiting " + prio(b) + " while " + prio(paused[l].id) +
+                   ", paused by an earlier step, stays paused (paused tasks go before the waiting ones of their priority)",
+               {b, paused[l].id}, {{"step", b, t0, t1}});
+        }
+      }
+    }
+    for (const auto& rs : plan.resumed) {
+      const TaskId r = rs.task.id;
+      if (!in_epoch(r)) continue;
+      const unsigned lr = level_of(r);
+      for (unsigned l = lr; l < levels; ++l) {
+        if (l > lr && waiting[l].id != 0) {
+          fail("order", "step" + at(t0, t1) + " resumed " + prio(r) + " while " + prio(waiting[l].id) + ", submitted" +
+                            at(shared_[idx(waiting[l].id)].submit_start.load(), waiting[l].key) + ", waited since before the step and still waits",
+               {r, waiting[l].id}, {waited(waiting[l].id), {"step", r, t0, t1}});
+        }
+        if (paused[l].id != 0 && (l > lr || paused[l].key < loop_[idx(r)].arrival)) {
+          fail("order", "step" + at(t0, t1) + " resumed " + prio(r) + " while " + prio(paused[l].id) + (l > lr ? "" : ", which arrived earlier,") +
+                            " stays paused",
+               {r, paused[l].id}, {{"step", r, t0, t1}});
+        }
+      }
+    }
+    // Tasks that left the queue for good are no witnesses any more.
+    std::erase_if(waiting_model_, [&](TaskId id) { return loop_[idx(id)].state != State::kNone || cancel_seen(id); });
+    if (plan.preempted.empty()) return;
+    int top_stalled = -1;  // the highest priority of a task short of blocks when the step began
+    for (const TaskId id : running_ids_) {
+      if (loop_[idx(id)].stalled) top_stalled = std::max(top_stalled, static_cast<int>(level_of(id)));
+    }
+    for (const TaskId id : paused_ids_) {
+      if (loop_[idx(id)].stalled) top_stalled = std::max(top_stalled, static_cast<int>(level_of(id)));
+    }
+    int top_served = -1;  // the highest priority admitted or resumed by the step
+    for (const auto& ad : plan.admitted) top_served = std::max(top_served, static_cast<int>(level_of(ad.task.id)));
+    for (const auto& rs : plan.resumed) top_served = std::max(top_served, static_cast<int>(level_of(rs.task.id)));
+    for (const auto& pr : plan.preempted) {
+      const TaskId v = pr.task.id;
+      if (!in_epoch(v)) continue;
+      const LoopRec& vr = loop_[idx(v)];
+      const int lv = static_cast<int>(level_of(v));
+      ++(cancel_during_step ? victims_unjudged_ : victims_judged_);
+      if (!cancel_during_step && !vr.stalled && top_stalled < lv && (cfg_.fifo || top_served <= lv)) {
+        fail("order",
+             "step" + at(t0, t1) + " preempted " + prio(v) + " for nothing: no task of a higher priority was admitted or resumed" +
+                 " and no running task of its priority or higher was short of blocks",
+             {v}, {{"step", v, t0, t1}});
+      }
+      if (vr.stalled) continue;  // it may have paused itself, ahead of any other victim
+      for (const TaskId e : running_ids_) {
+        const LoopRec& er = loop_[idx(e)];
+        if (er.changed || !make_task(e).is_preemptible || blocks_for(er.tokens) > device_total_ || cancel_seen(e)) continue;
+        const int le = static_cast<int>(level_of(e));
+        if (le < lv || (le == lv && er.run_seq > vr.run_seq)) {
+          fail("order",
+               "step" + at(t0, t1) + " preempted " + prio(v) + " but left preemptible " + prio(e) + " running, " +
+                   (le < lv ? std::string("a lower priority") : std::string("run more recently")) +
+                   " (victims go lowest priority first, then most recently run)",
+               {v, e}, {{"step", v, t0, t1}});
+        }
+      }
+    }
+  }
+
   void step(std::uint64_t& t0_out) {
+    // What the victim checks need from before the step (check_order).
+    for (const TaskId id : paused_ids_) loop_[idx(id)].stalled = false;
+    for (const TaskId id : running_ids_) {
+      LoopRec& rec = loop_[idx(id)];
+      const std::size_t want = blocks_for(rec.tokens);
+      rec.stalled = table_size_[idx(id)] < want && want <= device_total_;
+    }
+    const std::uint64_t cancels_before = cancels_started_.load();
     const std::uint64_t t0 = clock_.tick();
     const StepPlan& plan = engine_.step();
     const std::uint64_t t1 = clock_.tick();
@@ -464,6 +682,7 @@ class EngineRun {
       }
       rec.host_n = 0;
       rec.recompute = false;
+      rec.run_seq = ++run_counter_;
       set_state(id, State::kRunning);
       changed_.push_back(id);
     }
@@ -493,6 +712,7 @@ class EngineRun {
              {id}, {{"step", id, t0, t1}});
       }
       ++admissions_;
+      rec.arrival = rec.run_seq = ++run_counter_;
       set_state(id, State::kRunning);
       changed_.push_back(id);
     }
@@ -546,6 +766,7 @@ class EngineRun {
       set_state(id, State::kPaused);
       changed_.push_back(id);
     }
+    check_order(plan, t0, t1, cancels_started_.load() != cancels_before);
     for (const TaskId id : changed_) loop_[idx(id)].changed = false;
     changed_.clear();
 
@@ -837,6 +1058,9 @@ class EngineRun {
     for (auto& o : host_owner_) o = {};
     running_ids_.clear();
     paused_ids_.clear();
+    waiting_model_.clear();
+    pending_.clear();
+    scanned_ = 0;
     base_ += epoch_used_;  // ids handed out past the epoch's end were never submitted
     next_.store(0);
     producers_active_.store(cfg_.threads - 1);
@@ -864,6 +1088,12 @@ class EngineRun {
   std::vector<std::uint32_t> table_size_ = std::vector<std::uint32_t>(ids_per_epoch_, 0);
   std::vector<Owner> device_owner_, host_owner_;
   std::vector<TaskId> running_ids_, paused_ids_, changed_;
+  std::vector<TaskId> waiting_model_;   // accepted ids not yet seen gone (check_order prunes it)
+  std::vector<std::uint64_t> pending_;  // epoch indices whose submit had not returned at the last look
+  std::uint64_t scanned_ = 0;           // epoch indices looked at so far
+  std::uint64_t run_counter_ = 0;       // admissions and resumptions seen, in plan order
+  std::uint64_t victims_judged_ = 0, victims_unjudged_ = 0;  // preemptions whose cause was checked / not (a cancel ran)
+  alignas(64) std::atomic<std::uint64_t> cancels_started_{0};
   std::vector<std::atomic<TaskId>> recent_;  // recently submitted ids, for cancel to aim at
   std::vector<Worker> workers_;
   std::uint64_t epoch_used_ = 0;
@@ -876,6 +1106,8 @@ class EngineRun {
 void run_engine_target(const Config& cfg, Report& r) {
   if (cfg.target == Target::BrokenEngine) {
     EngineRun<PlanDroppingEngine>(cfg, r, cfg.drop_every).run();
+  } else if (cfg.target == Target::BrokenEngineOrder) {
+    EngineRun<PriorityBlindEngine>(cfg, r).run();
   } else {
     EngineRun<Engine>(cfg, r).run();
   }

@@ -23,6 +23,7 @@ enum class Target {
   BrokenDropping,    ///< a mutex queue that loses every task whose id is a multiple of drop_every
   BrokenPool,        ///< a BlockPool that, every drop_every-th release of a shared block, drops a reference too many
   BrokenEngine,      ///< an Engine whose plans leave out every drop_every-th preemption (when built)
+  BrokenEngineOrder, ///< an Engine that queues and preempts every task as Normal (when built)
 };
 
 std::string_view to_string(Target t);
@@ -84,7 +85,7 @@ struct CallRef {
 
 struct Violation {
   /// conservation, fifo, priority, cancel, peek, payload, len (scheduler);
-  /// owner, refcount, pool (pool); engine, lifecycle, blocks (engine).
+  /// owner, refcount, pool (pool); engine, lifecycle, blocks, order (engine).
   std::string kind;
   std::string detail;
   /// Task (or block) ids involved, in the order the detail names them.
