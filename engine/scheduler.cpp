@@ -1,6 +1,7 @@
 // The lock-free Scheduler. The design, state machines and invariants are in
 // scheduler_core.hpp; comments here explain individual steps.
 #include <bit>
+#include <cassert>
 #include <stdexcept>
 #include <string>
 
@@ -207,6 +208,27 @@ std::uint64_t SchedulerCore::home_of(std::uint64_t hash) const noexcept {
   if (cell_occ(w)) __builtin_prefetch(&table_[cell_bucket(w)], 0);
 }
 
+namespace {
+
+// Per-thread xorshift32 state for backoff jitter (Marsaglia, "Xorshift RNGs",
+// 2003). A constant initializer and the initial-exec model, as the block
+// pool's hint: no guard and no __tls_get_addr on the path.
+[[gnu::tls_model("initial-exec")]] thread_local std::uint32_t t_jitter = 0;
+
+// A number in [0, bound), bound >= 1, different from thread to thread.
+unsigned jitter(unsigned bound) noexcept {
+  std::uint32_t x = t_jitter;
+  // Seeded from the state's own address: distinct for every live thread.
+  if (x == 0) x = static_cast<std::uint32_t>(reinterpret_cast<std::uintptr_t>(&t_jitter) >> 3) | 1u;
+  x ^= x << 13;
+  x ^= x >> 17;
+  x ^= x << 5;
+  t_jitter = x;
+  return x % bound;
+}
+
+}  // namespace
+
 std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
   // Ids mostly come in sequence (next_id(), or a caller's counter), and each
   // lands at a random place in the table, likely not in any cache when the
@@ -280,8 +302,11 @@ std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
     if (duplicate) return kDuplicate;
     // Another schedule() whose id shares our 20-bit fingerprint is between its
     // claim and its verdict, or has our id and is not yet published (normally:
-    // the same id scheduled twice at once).
-    for (unsigned i = 0; i < backoff; ++i) cpu_relax();
+    // the same id scheduled twice at once). Two calls that claimed at the same
+    // moment see each other and both back off; with equal delays they could
+    // meet again round after round, so each waits a random part more (between
+    // 1x and 2x its growing delay), and one of them soon claims alone.
+    for (unsigned i = 0, n = backoff + jitter(backoff); i < n; ++i) cpu_relax();
   }
 }
 
@@ -598,16 +623,26 @@ std::optional<ScheduledTask> SchedulerCore::take(bool remove) noexcept {
 }
 
 std::vector<ScheduledTask> SchedulerCore::clear() {
-  std::vector<ScheduledTask> out;
-  out.reserve(len());
   // Tickets taken before clear() began cover every task queued by then.
   std::uint64_t limit[kPriorityCount];
   for (std::size_t i = 0; i < ring_count_; ++i) limit[i] = rings_[i].tail.load();
+  // Room for every task it can take, allocated before it takes any, so that a
+  // std::bad_alloc changes nothing and no taken task is dropped. Enough:
+  // every ticket below a limit belongs to a schedule() that counted its task
+  // in count_ (reserve()) before it took the ticket, and the seq_cst loads
+  // above read those tickets' seq_cst fetch_adds, so this read of count_ sees
+  // each such count; a task is uncounted only when it is removed, and we
+  // remove ours after this read. So len() now >= the tasks we will take.
+  std::vector<ScheduledTask> out;
+  out.reserve(len());
   auto no_check = []() noexcept { return true; };
   for (std::size_t i = 0; i < ring_count_; ++i) {
     std::optional<ScheduledTask> got;
     unsigned invalidated = 0;
-    while (take_from(rings_[i], limit[i], true, no_check, invalidated, got) == Take::kGot) out.push_back(*got);
+    while (take_from(rings_[i], limit[i], true, no_check, invalidated, got) == Take::kGot) {
+      assert(out.size() < out.capacity());
+      out.push_back(*got);  // no reallocation (above): cannot throw
+    }
   }
   return out;
 }

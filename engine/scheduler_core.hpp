@@ -166,7 +166,7 @@
 //   I9. Round comparisons are modulo 2^37, so a ring's head may fall at most
 //       2^36 laps behind its tail. Only a task that stays queued at head
 //       while 2^36 x C later tickets of its ring are taken holds it back
-//       (more than 10^13 schedules at the smallest ring; cancels move head
+//       (more than 8 x 10^12 schedules at the smallest ring; cancels move head
 //       past the cancelled tickets themselves, see cancel()); beyond that a
 //       consumer could misread a newer cell as an older lap.
 //
@@ -197,7 +197,10 @@
 //              back, so the ring stayed empty in between, I1).
 //              Otherwise both passes come after the candidate's read.
 //   cancel     the claim CAS (found), or the last probe (not found).
-//   QueueFull  the count read; count_ includes schedules in flight. (In the
+//   QueueFull  the count read; count_ includes schedules in flight, so this
+//              answer alone is not linearizable (a task counted there may not
+//              be visible to next() yet, or its schedule may end in
+//              DuplicateId; README "Guarantees"). (In the
 //              stalled case of I8 the table, not the count, is full: a
 //              documented exception, len() may be below the bound then.)
 // Ring, cell and state operations are seq_cst so that these points fall in one

@@ -1,5 +1,6 @@
 // Scheduler: a bounded, linearizable, lock-free priority queue of tasks with
-// O(1) cancellation by id.
+// O(1) cancellation by id. (One answer is not linearizable: QueueFull, which
+// counts schedule() calls in flight; see README "Guarantees".)
 //
 // Thread safety: every member function may be called from any number of
 // threads at once, with any other member function, except construction and
@@ -12,13 +13,17 @@
 //                                    made progress (a higher-priority schedule,
 //                                    or a competing removal).
 //   cancel                           lock-free.
-//   schedule                         lock-free, except against a second
+//   schedule                         lock-free, except against another
 //                                    schedule() of the *same id* running at the
-//                                    same moment: the later one waits until the
-//                                    earlier one has published its task, just
-//                                    before it returns (a stall there delays
-//                                    only that duplicate).
-//   clear                            lock-free per task; allocates its result.
+//                                    same moment (or of one of the 1 in 2^20
+//                                    ids that share its fingerprint and probe
+//                                    range): it waits while that one is between
+//                                    its claim and its publish (its duplicate
+//                                    check, for a different id); two that claim
+//                                    at once both back off for random delays
+//                                    and retry. A stall there delays only them.
+//   clear                            lock-free per task; allocates its result
+//                                    before it removes anything.
 // Hot paths (schedule, next, peek, cancel, len, next_id) take no lock, make no
 // system call and allocate no memory after construction.
 #pragma once
@@ -60,7 +65,9 @@ class Scheduler {
 
   /// Queues a copy of `task`. Empty on success; ScheduleError::InvalidPriority
   /// when task.priority is none of the four enumerators (checked first);
-  /// ScheduleError::QueueFull when len() has reached max_queue_size;
+  /// ScheduleError::QueueFull when len() has reached max_queue_size (len()
+  /// counts schedule() calls in flight, so this answer is not linearizable:
+  /// README "Guarantees");
   /// ScheduleError::DuplicateId when a task with the same id is queued. On
   /// failure nothing changes.
   [[nodiscard]] std::error_code schedule(const ScheduledTask& task) noexcept;
@@ -79,7 +86,8 @@ class Scheduler {
   /// Removes and returns every queued task, in the order next() would have
   /// returned them. Under concurrency: every task queued before clear() began
   /// and not removed by another call; tasks scheduled meanwhile may or may not
-  /// be included. Allocates the returned vector.
+  /// be included. Allocates the returned vector before it removes any task: a
+  /// std::bad_alloc leaves the queue unchanged.
   std::vector<ScheduledTask> clear();
 
   /// Tasks accepted and not yet removed. Exact when no call is in flight; a
