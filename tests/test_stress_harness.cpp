@@ -144,6 +144,26 @@ TEST_CASE("broken-pool: a reference dropped too many is reported with the block 
   if (v.kind != "pool") CHECK(v.ids.size() == 1);  // the block
 }
 
+TEST_CASE("broken-duplicates: a second copy of a queued id is reported as duplicate, naming the schedule") {
+  const auto seed = tgi_test::seed();
+  MESSAGE("seed=" << seed);
+  auto c = config(st::Target::BrokenDuplicates, 4, 20000, seed);
+  c.reuse_ids = 12;
+  c.capacity = 8;
+  const auto r = st::run(c);
+  INFO(describe(r));
+  REQUIRE_FALSE(r.ok());
+  CHECK(count_of(r, "conservation") == 0);  // every copy leaves: only the duplicate check can see it
+  REQUIRE(count_of(r, "duplicate") > 0);
+  const auto* v = first_of(r, "duplicate");
+  REQUIRE(v != nullptr);
+  REQUIRE(v->ids.size() == 1);
+  CHECK(v->ids[0] >= 1);
+  CHECK(v->ids[0] <= 12);
+  REQUIRE(v->calls.size() == 1);
+  CHECK(v->calls[0].op == "schedule");
+}
+
 #if TGI_STRESS_HAS_ENGINE
 TEST_CASE("broken-engine: a preemption left out of the plan is reported") {
   const auto seed = tgi_test::seed();

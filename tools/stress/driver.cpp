@@ -23,6 +23,7 @@ constexpr TargetName kTargets[] = {
     {Target::Engine, "engine"},
     {Target::BrokenMoodycamel, "broken-moodycamel"},
     {Target::BrokenDropping, "broken-dropping"},
+    {Target::BrokenDuplicates, "broken-duplicates"},
     {Target::BrokenPool, "broken-pool"},
     {Target::BrokenEngine, "broken-engine"},
     {Target::BrokenEngineOrder, "broken-engine-order"},
@@ -50,6 +51,7 @@ std::vector<Target> available_targets() {
 #endif
   out.push_back(Target::BrokenMoodycamel);
   out.push_back(Target::BrokenDropping);
+  out.push_back(Target::BrokenDuplicates);
   out.push_back(Target::BrokenPool);
 #if TGI_STRESS_HAS_ENGINE
   out.push_back(Target::BrokenEngine);
@@ -63,6 +65,7 @@ Mix default_mix(Target t) {
     case Target::Scheduler:
     case Target::BrokenMoodycamel:
     case Target::BrokenDropping:
+    case Target::BrokenDuplicates:
       return {{"schedule", 40}, {"next", 30}, {"peek", 10}, {"cancel", 15}, {"clear", 1}};
     case Target::Pool:
     case Target::BrokenPool:
@@ -121,7 +124,8 @@ Report run(Config config) {
   if (config.max_events < 64) throw std::invalid_argument("max_events must be at least 64");
   if (config.drop_every == 0) throw std::invalid_argument("drop_every must be positive");
   if (config.reuse_ids != 0) {
-    if (config.target != Target::Scheduler && config.target != Target::BrokenMoodycamel && config.target != Target::BrokenDropping) {
+    if (config.target != Target::Scheduler && config.target != Target::BrokenMoodycamel && config.target != Target::BrokenDropping &&
+        config.target != Target::BrokenDuplicates) {
       throw std::invalid_argument("reuse_ids applies to the scheduler targets only");
     }
     if (config.reuse_ids > (std::size_t{1} << 20)) throw std::invalid_argument("reuse_ids must be at most 1048576");
@@ -133,6 +137,7 @@ Report run(Config config) {
     case Target::Scheduler:
     case Target::BrokenMoodycamel:
     case Target::BrokenDropping:
+    case Target::BrokenDuplicates:
       if (config.capacity == 0) config.capacity = 1024;
       r.config = config;
       detail::run_scheduler_target(config, r);

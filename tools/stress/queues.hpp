@@ -1,10 +1,11 @@
 // The queues the scheduler run drives, behind one shape:
 //   next_id, schedule, next, peek, cancel, clear, len
 // with the calling worker's index passed in (moodycamel needs a producer token
-// per thread). RealScheduler is the project's Scheduler; the two broken ones
+// per thread). RealScheduler is the project's Scheduler; the broken ones
 // exist so that the checks are seen to fail (a check that cannot fail is a
 // defect): MoodycamelQueue is fast but not FIFO across producers, DroppingQueue
-// is a correct mutex queue that silently loses some tasks.
+// is a correct mutex queue that silently loses some tasks, or (as
+// broken-duplicates) one that never reports DuplicateId.
 #pragma once
 
 #include <atomic>
@@ -77,25 +78,33 @@ class MoodycamelQueue {
 };
 
 /// A correct priority queue under one mutex, except that schedule() reports
-/// success for every task whose id is a multiple of `drop_every` and then
-/// forgets it.
+/// success for every task whose id is a multiple of `drop_every` (0: none)
+/// and then forgets it; and, without `check_duplicates`, accepts a task whose
+/// id is queued already (a second copy, which leaves like any other).
 class DroppingQueue {
  public:
   static constexpr bool kHasPeek = true;
   static constexpr bool kHasCancel = true;
 
-  DroppingQueue(std::size_t capacity, bool priority_mode, std::uint64_t drop_every)
-      : capacity_(capacity), classes_(priority_mode ? scheduling::kPriorityCount : 1), drop_every_(drop_every) {}
+  DroppingQueue(std::size_t capacity, bool priority_mode, std::uint64_t drop_every, bool check_duplicates)
+      : capacity_(capacity),
+        classes_(priority_mode ? scheduling::kPriorityCount : 1),
+        drop_every_(drop_every),
+        check_duplicates_(check_duplicates) {}
 
   TaskId next_id() noexcept { return ids_.fetch_add(1) + 1; }
 
   std::error_code schedule(unsigned, const ScheduledTask& t) {
     std::lock_guard lock(mutex_);
     if (size_ >= capacity_) return ScheduleError::QueueFull;
-    // No DuplicateId check: a fresh id is never scheduled twice, and with
-    // --reuse-ids a duplicate accepted here is counted, and must leave, like
-    // any other task (the per-id conservation check still holds).
-    if (t.id % drop_every_ == 0) {
+    if (check_duplicates_) {
+      for (const auto& q : queues_) {
+        for (const auto& queued : q) {
+          if (queued.id == t.id) return ScheduleError::DuplicateId;
+        }
+      }
+    }
+    if (drop_every_ != 0 && t.id % drop_every_ == 0) {
       ++dropped_;
       return {};
     }
@@ -156,6 +165,7 @@ class DroppingQueue {
   std::size_t capacity_;
   std::size_t classes_;
   std::uint64_t drop_every_;
+  bool check_duplicates_;
   mutable std::mutex mutex_;
   std::deque<ScheduledTask> queues_[scheduling::kPriorityCount];
   std::size_t size_ = 0;

@@ -38,6 +38,7 @@ class SchedulerRun {
     // allocated while recording.
     for (unsigned w = 0; w < cfg.threads; ++w) {
       workers_[w].log.reserve(cfg.max_events + cfg.capacity + 1);
+      if (reuse()) workers_[w].duplicates.reserve(cfg.max_events);
       workers_[w].rng = thread_rng(cfg.seed, w);
       workers_[w].counts = OpCounts(cfg.mix.size());
     }
@@ -67,9 +68,10 @@ class SchedulerRun {
                 {"capacity", cfg_.capacity},
                 {"drained_at_pauses", drained_}};
     if (q_.dropped()) r_.stats.emplace_back("dropped_by_target", q_.dropped());
+    if (reuse()) r_.stats.emplace_back("duplicate_id_answers_checked", duplicate_answers_);
     if (reuse()) {
       r_.notes.push_back("ids 1.." + std::to_string(cfg_.reuse_ids) +
-                         " reused: each epoch checks per id that accepted schedules equal removals (ordering needs unique ids)");
+                         " reused: each epoch checks per id that accepted schedules equal removals and that DuplicateId came exactly while a copy was queued (ordering needs unique ids)");
     }
     if (r_.epochs > 1) {
       r_.notes.push_back(std::string(reuse() ? "ids counted" : "history checked") + " in " + std::to_string(r_.epochs) +
@@ -88,6 +90,7 @@ class SchedulerRun {
     OpCounts counts;
     std::size_t max_len = 0;
     std::uint64_t full = 0;
+    ThreadLog duplicates;  // --reuse-ids: the schedule calls that returned DuplicateId
   };
 
   bool reuse() const { return cfg_.reuse_ids != 0; }
@@ -121,6 +124,74 @@ class SchedulerRun {
       found_.add(make_violation("conservation", "id " + std::to_string(id) + " was accepted " + std::to_string(accepted[id]) +
                                                     " times and left " + std::to_string(removed[id]) + " times in this epoch",
                                 {id}, std::move(calls)));
+    }
+    check_duplicates(accepted, removed);
+  }
+
+  // --reuse-ids: DuplicateId exactly when a copy of the id is queued, judged
+  // from the calls' intervals alone (the epoch starts on an empty queue):
+  //   - a schedule accepted while a copy was surely queued throughout it: more
+  //     schedules of the id were accepted before it began than removals of the
+  //     id began before it ended;
+  //   - DuplicateId while no copy can have been queued at any instant of it:
+  //     no more schedules of the id accepted began before it ended than
+  //     removals of the id ended before it began.
+  // An id whose counts do not balance was reported above; its intervals say
+  // nothing more (a lost copy would make every later schedule look like a
+  // duplicate), so it is skipped here.
+  void check_duplicates(const std::vector<std::uint64_t>& accepted, const std::vector<std::uint64_t>& removed) {
+    struct Spans {
+      std::vector<std::uint64_t> acc_start, acc_end, rem_start, rem_end;
+      std::vector<const Event*> accepted, refused;
+    };
+    std::vector<Spans> per(cfg_.reuse_ids + 1);
+    const auto gather = [&](const ThreadLog& log) {
+      for (const Event& e : log) {
+        if (!e.ok || e.op == Op::Peek || e.id == 0 || e.id > cfg_.reuse_ids) continue;  // conservation reports stray ids
+        Spans& s = per[e.id];
+        if (e.op == Op::Schedule) {
+          s.acc_start.push_back(e.start);
+          s.acc_end.push_back(e.end);
+          s.accepted.push_back(&e);
+        } else {
+          s.rem_start.push_back(e.start);
+          s.rem_end.push_back(e.end);
+        }
+      }
+    };
+    for (const auto& w : workers_) {
+      gather(w.log);
+      for (const Event& e : w.duplicates) {
+        if (e.id != 0 && e.id <= cfg_.reuse_ids) per[e.id].refused.push_back(&e);
+      }
+    }
+    gather(drain_log_);
+    const auto below = [](const std::vector<std::uint64_t>& v, std::uint64_t x) {
+      return static_cast<std::int64_t>(std::lower_bound(v.begin(), v.end(), x) - v.begin());
+    };
+    for (TaskId id = 1; id <= cfg_.reuse_ids; ++id) {
+      if (accepted[id] != removed[id]) continue;
+      Spans& s = per[id];
+      for (auto* v : {&s.acc_start, &s.acc_end, &s.rem_start, &s.rem_end}) std::sort(v->begin(), v->end());
+      for (const Event* a : s.accepted) {
+        const std::int64_t before = below(s.acc_end, a->start), removing = below(s.rem_start, a->end);
+        if (before <= removing) continue;
+        found_.add(make_violation("duplicate",
+                                  "schedule(" + std::to_string(id) + ")" + at(a->start, a->end) + " was accepted while a copy of the id was queued throughout: " +
+                                      std::to_string(before) + " schedules of it were accepted before it began, and only " + std::to_string(removing) +
+                                      " removals of it began before it ended",
+                                  {id}, {ref(*a)}));
+      }
+      duplicate_answers_ += s.refused.size();
+      for (const Event* d : s.refused) {
+        const std::int64_t begun = below(s.acc_start, d->end), removed = below(s.rem_end, d->start);
+        if (begun > removed) continue;
+        found_.add(make_violation("duplicate",
+                                  "schedule(" + std::to_string(id) + ")" + at(d->start, d->end) + " reported DuplicateId, but no copy of the id can have been queued then: " +
+                                      std::to_string(begun) + " accepted schedules of it had begun before it ended, and " + std::to_string(removed) +
+                                      " removals of it had ended before it began",
+                                  {id}, {{"schedule", id, d->start, d->end}}));
+      }
     }
   }
 
@@ -171,6 +242,7 @@ class SchedulerRun {
           });
           ok = !ec;
           if (ec == ScheduleError::QueueFull) ++me.full;
+          if (reuse() && ec == ScheduleError::DuplicateId) me.duplicates.push_back(me.log.back());
           if (ec && ec != ScheduleError::QueueFull && !(reuse() && ec == ScheduleError::DuplicateId)) {
             found_.add(make_violation("duplicate", "schedule(" + std::to_string(id) + ")" + at(me.log.back().start, me.log.back().end) +
                                                         " failed with '" + ec.message() + "' for an id never scheduled before",
@@ -257,7 +329,10 @@ class SchedulerRun {
     } else {
       check_history();
     }
-    for (auto& w : workers_) w.log.clear();  // keeps the capacity
+    for (auto& w : workers_) {
+      w.log.clear();  // keeps the capacity
+      w.duplicates.clear();
+    }
     return !found_.any();
   }
 
@@ -292,6 +367,7 @@ class SchedulerRun {
   ThreadLog drain_log_;
   std::uint64_t drained_ = 0;
   std::uint64_t events_checked_ = 0;
+  std::uint64_t duplicate_answers_ = 0;  // --reuse-ids: DuplicateId answers judged
 };
 
 }  // namespace
@@ -319,7 +395,12 @@ void run_scheduler_target(const Config& cfg_in, Report& r) {
       break;
     }
     case Target::BrokenDropping: {
-      DroppingQueue q(cfg.capacity, priority_mode, cfg.drop_every);
+      DroppingQueue q(cfg.capacity, priority_mode, cfg.drop_every, true);
+      SchedulerRun<DroppingQueue>(cfg, q, r).run();
+      break;
+    }
+    case Target::BrokenDuplicates: {
+      DroppingQueue q(cfg.capacity, priority_mode, 0, false);
       SchedulerRun<DroppingQueue>(cfg, q, r).run();
       break;
     }

@@ -21,6 +21,7 @@ enum class Target {
   Engine,            ///< tgi_gtc::scheduling::Engine (when built)
   BrokenMoodycamel,  ///< per-priority moodycamel queues: not FIFO across producers
   BrokenDropping,    ///< a mutex queue that loses every task whose id is a multiple of drop_every
+  BrokenDuplicates,  ///< a mutex queue that never reports DuplicateId (meant for --reuse-ids)
   BrokenPool,        ///< a BlockPool that, every drop_every-th release of a shared block, drops a reference too many
   BrokenEngine,      ///< an Engine whose plans leave out every drop_every-th preemption (when built)
   BrokenEngineOrder, ///< an Engine that queues and preempts every task as Normal (when built)
@@ -84,7 +85,7 @@ struct CallRef {
 };
 
 struct Violation {
-  /// conservation, fifo, priority, cancel, peek, payload, len (scheduler);
+  /// conservation, fifo, priority, cancel, peek, payload, len, duplicate (scheduler);
   /// owner, refcount, pool (pool); engine, lifecycle, blocks, order (engine).
   std::string kind;
   std::string detail;
