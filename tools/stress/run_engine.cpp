@@ -23,13 +23,16 @@
 //              host blocks it was given, in order;
 //   lifecycle  admitted only once and only a task whose submit was called and
 //              not refused, never one whose cancel returned before the step;
-//              resumed only when paused; preempted only when running (or run
-//              in this step) and preemptible; a task cancelled before a step
-//              is gone after it; a task that loses its blocks was cancelled;
-//              stats() running/paused agree with the model;
+//              resumed only when paused; preempted only when running,
+//              preemptible and not served by the same step; a task
+//              cancelled before a step is gone after it; a task that loses
+//              its blocks was cancelled;
+//              stats() running/paused agree with the model; at most
+//              max_running run; recompute only when the host pool lacked room;
 //   payload    every task in a plan is the one submitted under its id;
 //   order      admissions and resumptions follow priority, then paused before
-//              waiting, then arrival; every preemption has a cause, and
+//              waiting, then arrival, within the prefill budget (a task served
+//              alone may exceed it); every preemption has a cause, and
 //              victims go lowest priority first, then most recently run
 //              (check_order, as far as the stamps make a violation certain).
 // At the end of each epoch the loop (after the producers stopped) cancels
@@ -346,10 +349,11 @@ class EngineRun {
     if (id == 0) id = base_ == 0 ? 1 : base_;
     const bool mine = in_epoch(id);
     if (mine) shared_[idx(id)].cancels_begun.fetch_add(1);  // before the call: see after_step()
-    cancels_started_.fetch_add(1);                             // before the call: see check_order()
+    cancels_started_.fetch_add(1);                             // before the call: see step()
     const std::uint64_t t0 = clock_.tick();
     const bool ok = engine_.cancel(id);
     const std::uint64_t t1 = clock_.tick();
+    cancels_done_.fetch_add(1);  // after the call: see step()
     if (ok && mine) {
       min_store(shared_[idx(id)].cancel_start, t0);
       min_store(shared_[idx(id)].cancel_end, t1);
@@ -508,14 +512,14 @@ class EngineRun {
   //   victims    a preemption without a cause (a task of a higher priority
   //              admitted or resumed by the step, or a running task of the
   //              victim's priority or higher short of blocks when it began;
-  //              not judged when a cancel ran during the step, since the task
+  //              not judged when a cancel overlapped the step, since the task
   //              a preemption made room for may have been cancelled before it
   //              was taken); and, unless the victim was itself short of blocks
   //              (it may have paused itself), a preemptible task that ran
   //              before the step, of a lower priority, or of the victim's
   //              priority and run more recently, left running.
   // A task with a cancel in flight or done is never a witness.
-  void check_order(const StepPlan& plan, std::uint64_t t0, std::uint64_t t1, bool cancel_during_step) {
+  void check_order(const StepPlan& plan, std::uint64_t t0, std::uint64_t t1, bool cancel_overlapped) {
     constexpr std::uint64_t kNever = std::numeric_limits<std::uint64_t>::max();
     const unsigned levels = cfg_.fifo ? 1 : 4;
     refresh_waiting();
@@ -610,8 +614,8 @@ class EngineRun {
       if (!in_epoch(v)) continue;
       const LoopRec& vr = loop_[idx(v)];
       const int lv = static_cast<int>(level_of(v));
-      ++(cancel_during_step ? victims_unjudged_ : victims_judged_);
-      if (!cancel_during_step && !vr.stalled && top_stalled < lv && (cfg_.fifo || top_served <= lv)) {
+      ++(cancel_overlapped ? victims_unjudged_ : victims_judged_);
+      if (!cancel_overlapped && !vr.stalled && top_stalled < lv && (cfg_.fifo || top_served <= lv)) {
         fail("order",
              "step" + at(t0, t1) + " preempted " + prio(v) + " for nothing: no task of a higher priority was admitted or resumed" +
                  " and no running task of its priority or higher was short of blocks",
@@ -641,14 +645,20 @@ class EngineRun {
       const std::size_t want = blocks_for(rec.tokens);
       rec.stalled = table_size_[idx(id)] < want && want <= device_total_;
     }
-    const std::uint64_t cancels_before = cancels_started_.load();
+    // No cancel overlapped the step if every cancel begun by its end had
+    // returned before it began (a producer counts one before and after the call).
+    const std::uint64_t cancels_done_before = cancels_done_.load();
+    const std::uint32_t host_free_before = engine_.stats().host_free_blocks;  // exact: only the loop moves host blocks
     const std::uint64_t t0 = clock_.tick();
     const StepPlan& plan = engine_.step();
     const std::uint64_t t1 = clock_.tick();
+    const bool cancel_overlapped = cancels_started_.load() != cancels_done_before;
     t0_out = t0;
     ++steps_;
     const std::uint64_t s = steps_;
-    // Resumptions first: a task may be resumed and then preempted by one step.
+    std::size_t prefill = 0;  // the step's prefill tokens: admissions' estimates, recomputed resumptions' tokens
+    // Resumptions first, then admissions: their ranks (run_seq) follow the
+    // engine's order for tasks of one priority (check_order).
     for (const auto& rs : plan.resumed) {
       if (!plan_task_ok(rs.task, "resumed", t0, t1)) continue;
       const TaskId id = rs.task.id;
@@ -680,6 +690,7 @@ class EngineRun {
       for (const auto& c : rs.swap_in) {
         if (c.from < host_total_ && host_owner_[c.from].id == id) host_owner_[c.from] = {0, 0, s};  // freed at the end of this step
       }
+      if (rec.recompute) prefill += rec.tokens;
       rec.host_n = 0;
       rec.recompute = false;
       rec.run_seq = ++run_counter_;
@@ -712,10 +723,12 @@ class EngineRun {
              {id}, {{"step", id, t0, t1}});
       }
       ++admissions_;
+      prefill += ad.task.estimated_tokens;
       rec.arrival = rec.run_seq = ++run_counter_;
       set_state(id, State::kRunning);
       changed_.push_back(id);
     }
+    std::size_t swapped_out = 0;  // host blocks taken by this step's swap-outs so far
     for (const auto& pr : plan.preempted) {
       if (!plan_task_ok(pr.task, "preempted", t0, t1)) continue;
       const TaskId id = pr.task.id;
@@ -728,6 +741,21 @@ class EngineRun {
       if (!pr.task.is_preemptible) {
         fail("lifecycle", "step" + at(t0, t1) + " preempted task " + std::to_string(id) + ", which is not preemptible", {id}, {{"step", id, t0, t1}});
       }
+      if (rec.changed) {
+        fail("lifecycle",
+             "step" + at(t0, t1) + " preempted task " + std::to_string(id) + ", which it also admitted or resumed (a task is in at most one list of a plan)",
+             {id}, {{"step", id, t0, t1}});
+      }
+      // Swapped out whenever the host pool had room for its blocks (at most
+      // ceil(tokens / block_size) of them) after the earlier swap-outs of the step.
+      if (pr.recompute && blocks_for(rec.tokens) <= host_free_before - std::min<std::size_t>(host_free_before, swapped_out)) {
+        fail("engine",
+             "step" + at(t0, t1) + " released task " + std::to_string(id) + "'s KV for recompute, though the host pool had " +
+                 std::to_string(host_free_before - std::min<std::size_t>(host_free_before, swapped_out)) + " free blocks for its " +
+                 std::to_string(blocks_for(rec.tokens)) + " or fewer",
+             {id}, {{"step", id, t0, t1}});
+      }
+      swapped_out += pr.swap_out.size();
       // What it held: the plan's blocks if it started in this step, else its table at the last rebuild.
       std::size_t held = 0;
       bool copies_ok = true;
@@ -766,7 +794,15 @@ class EngineRun {
       set_state(id, State::kPaused);
       changed_.push_back(id);
     }
-    check_order(plan, t0, t1, cancels_started_.load() != cancels_before);
+    check_order(plan, t0, t1, cancel_overlapped);
+    // The prefill budget: exceeded only by a task served alone.
+    const std::size_t budget = engine_.config().max_step_tokens;
+    if (prefill > budget && plan.admitted.size() + plan.resumed.size() != 1) {
+      fail("order",
+           "step" + at(t0, t1) + " served " + std::to_string(plan.admitted.size() + plan.resumed.size()) + " tasks with " + std::to_string(prefill) +
+               " prefill tokens, over the budget of " + std::to_string(budget) + " (only a task served alone may exceed it)",
+           {}, {{"step", 0, t0, t1}});
+    }
     for (const TaskId id : changed_) loop_[idx(id)].changed = false;
     changed_.clear();
 
@@ -825,6 +861,10 @@ class EngineRun {
       ++i;
     }
     max_running_ = std::max<std::uint64_t>(max_running_, running);
+    if (running > engine_.config().max_running) {
+      fail("engine", "after step" + at(t0, t1) + " " + std::to_string(running) + " tasks run, over max_running " + std::to_string(engine_.config().max_running), {},
+           {{"step", 0, t0, t1}});
+    }
     const auto st = engine_.stats();
     std::size_t maybe_gone = 0;  // paused tasks a racing cancel may have removed
     for (const TaskId id : paused_ids_) maybe_gone += cancel_seen(id);
@@ -1093,7 +1133,8 @@ class EngineRun {
   std::uint64_t scanned_ = 0;           // epoch indices looked at so far
   std::uint64_t run_counter_ = 0;       // admissions and resumptions seen, in plan order
   std::uint64_t victims_judged_ = 0, victims_unjudged_ = 0;  // preemptions whose cause was checked / not (a cancel ran)
-  alignas(64) std::atomic<std::uint64_t> cancels_started_{0};
+  alignas(64) std::atomic<std::uint64_t> cancels_started_{0};  // producers' cancel calls begun
+  alignas(64) std::atomic<std::uint64_t> cancels_done_{0};     // ... and returned
   std::vector<std::atomic<TaskId>> recent_;  // recently submitted ids, for cancel to aim at
   std::vector<Worker> workers_;
   std::uint64_t epoch_used_ = 0;

@@ -216,9 +216,9 @@ class Engine {
   /// Any thread.
   const Scheduler& scheduler() const noexcept;
 
-  /// Counts and counters. Any thread: `waiting` and the free-block counts are
-  /// read now, the rest as of the last serving-loop call (exact on the loop
-  /// thread between its calls).
+  /// Counts and counters. Any thread: the queue's part of `waiting` and the
+  /// free-block counts are read now, the rest (parked tasks included) as of
+  /// the last serving-loop call (exact on the loop thread between its calls).
   EngineStats stats() const;
 
  private:
