@@ -184,11 +184,11 @@ class SchedulerRun {
       }
       duplicate_answers_ += s.refused.size();
       for (const Event* d : s.refused) {
-        const std::int64_t begun = below(s.acc_start, d->end), removed = below(s.rem_end, d->start);
-        if (begun > removed) continue;
+        const std::int64_t begun = below(s.acc_start, d->end), ended = below(s.rem_end, d->start);
+        if (begun > ended) continue;
         found_.add(make_violation("duplicate",
                                   "schedule(" + std::to_string(id) + ")" + at(d->start, d->end) + " reported DuplicateId, but no copy of the id can have been queued then: " +
-                                      std::to_string(begun) + " accepted schedules of it had begun before it ended, and " + std::to_string(removed) +
+                                      std::to_string(begun) + " accepted schedules of it had begun before it ended, and " + std::to_string(ended) +
                                       " removals of it had ended before it began",
                                   {id}, {{"schedule", id, d->start, d->end}}));
       }
