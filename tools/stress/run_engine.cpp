@@ -34,7 +34,8 @@
 //              waiting, then arrival, within the prefill budget (a task served
 //              alone may exceed it); every preemption has a cause, and
 //              victims go lowest priority first, then most recently run
-//              (check_order, as far as the stamps make a violation certain).
+//              (check_order, as far as the stamps make a violation certain);
+//              a step's last victim was needed (step()).
 // At the end of each epoch the loop (after the producers stopped) cancels
 // every id of the epoch and checks the answer against the model: every
 // accepted task is in exactly one of finished, cancelled or still there;
@@ -729,6 +730,8 @@ class EngineRun {
       changed_.push_back(id);
     }
     std::size_t swapped_out = 0;  // host blocks taken by this step's swap-outs so far
+    TaskId last_victim = 0;        // the step's last preemption, if it held `last_held` blocks
+    std::size_t last_held = 0;      // when the step began and was not short of blocks then
     for (const auto& pr : plan.preempted) {
       if (!plan_task_ok(pr.task, "preempted", t0, t1)) continue;
       const TaskId id = pr.task.id;
@@ -788,6 +791,8 @@ class EngineRun {
              {id}, {{"step", id, t0, t1}});
       }
       for (std::size_t i = 0; !pr.recompute && i < pr.swap_out.size(); ++i) take_host(id, static_cast<std::uint32_t>(i), pr.swap_out[i].to, t0, t1);
+      last_victim = rec.changed || rec.stalled ? 0 : id;
+      last_held = held;
       rec.recompute = pr.recompute;
       rec.host_n = pr.recompute ? 0 : static_cast<std::uint32_t>(pr.swap_out.size());
       rec.changed = true;
@@ -864,6 +869,22 @@ class EngineRun {
     if (running > engine_.config().max_running) {
       fail("engine", "after step" + at(t0, t1) + " " + std::to_string(running) + " tasks run, over max_running " + std::to_string(engine_.config().max_running), {},
            {{"step", 0, t0, t1}});
+    }
+    // Only as many victims as needed, for the step's last preemption: it
+    // freed a slot and last_held blocks, and after it the step only used
+    // blocks and slots (serving tasks, growing them), so if the step ends with
+    // that many blocks free and a slot free, whatever it was taken for fitted
+    // without it. (Not when a cancel overlapped the step: the task it made
+    // room for may have been cancelled before it was taken, and never used
+    // the room. Not for a victim short of blocks: it may have paused itself.)
+    if (last_victim != 0 && !cancel_overlapped && running < engine_.config().max_running) {
+      const std::uint32_t free_after = engine_.stats().device_free_blocks;  // exact: only the loop moves device blocks
+      if (free_after >= last_held) {
+        fail("order",
+             "step" + at(t0, t1) + " preempted task " + std::to_string(last_victim) + " (" + std::to_string(last_held) + " blocks) last, yet ended with " +
+                 std::to_string(free_after) + " blocks and a running slot free: what it was preempted for fitted without it (victims: only as many as needed)",
+             {last_victim}, {{"step", last_victim, t0, t1}});
+      }
     }
     const auto st = engine_.stats();
     std::size_t maybe_gone = 0;  // paused tasks a racing cancel may have removed
