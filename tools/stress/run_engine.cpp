@@ -481,23 +481,16 @@ class EngineRun {
   // waiting_model_ (ids whose submit is still in flight are looked at again).
   void refresh_waiting() {
     const std::uint64_t used = std::min<std::uint64_t>(next_.load(), ids_per_epoch_);
-    std::size_t keep = 0;
-    const auto look = [&](std::uint64_t n, bool again) {
+    // True once the submit returned (an accepted id joins the model).
+    const auto settled = [&](std::uint64_t n) {
       const std::uint8_t sub = shared_[n].submit.load();
-      if (sub == kAccepted) {
-        waiting_model_.push_back(base_ + n);
-      } else if (sub != kRefused) {
-        if (again) {
-          pending_[keep++] = n;
-        } else {
-          pending_.push_back(n);
-        }
-      }
+      if (sub == kAccepted) waiting_model_.push_back(base_ + n);
+      return sub == kAccepted || sub == kRefused;
     };
-    const std::size_t old_pending = pending_.size();
-    for (std::size_t i = 0; i < old_pending; ++i) look(pending_[i], true);
-    pending_.erase(pending_.begin() + static_cast<std::ptrdiff_t>(keep), pending_.begin() + static_cast<std::ptrdiff_t>(old_pending));
-    for (; scanned_ < used; ++scanned_) look(scanned_, false);
+    std::erase_if(pending_, settled);
+    for (; scanned_ < used; ++scanned_) {
+      if (!settled(scanned_)) pending_.push_back(scanned_);
+    }
   }
 
   // Order (after the plan is applied to the model, before the changed flags
@@ -751,10 +744,11 @@ class EngineRun {
       }
       // Swapped out whenever the host pool had room for its blocks (at most
       // ceil(tokens / block_size) of them) after the earlier swap-outs of the step.
-      if (pr.recompute && blocks_for(rec.tokens) <= host_free_before - std::min<std::size_t>(host_free_before, swapped_out)) {
+      const std::size_t host_room = host_free_before - std::min<std::size_t>(host_free_before, swapped_out);
+      if (pr.recompute && blocks_for(rec.tokens) <= host_room) {
         fail("engine",
              "step" + at(t0, t1) + " released task " + std::to_string(id) + "'s KV for recompute, though the host pool had " +
-                 std::to_string(host_free_before - std::min<std::size_t>(host_free_before, swapped_out)) + " free blocks for its " +
+                 std::to_string(host_room) + " free blocks for its " +
                  std::to_string(blocks_for(rec.tokens)) + " or fewer",
              {id}, {{"step", id, t0, t1}});
       }
