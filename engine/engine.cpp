@@ -81,7 +81,11 @@
 //     grow stalls until blocks are freed.
 //   - For growth, victims ordered before the task itself are preempted only
 //     if together they make room; otherwise the task itself is paused (when
-//     preemptible), else it stalls.
+//     preemptible), else it stalls. A task grown by a step is no victim of a
+//     later growth in that step (as vLLM's scheduler takes victims only among
+//     the sequences it has not served yet): a non-preemptible task may pause
+//     older ones of its level, and would otherwise undo the growth, served
+//     first, of one of them, and the pauses made for it.
 //
 // ===========================================================================
 // Running out of memory (std::bad_alloc)
@@ -151,6 +155,7 @@ struct TaskRec {
   std::uint64_t admitted = 0;    // admission order (resumptions count)
   std::uint64_t paused_step = 0; // step that paused it
   std::uint64_t entered_step = 0;// step that admitted or resumed it
+  std::uint64_t grown_step = 0;  // step whose growth served it
   std::uint32_t prev = kNil;     // links in victims_[level] or paused_[level]
   std::uint32_t next = kNil;
   std::uint32_t deficit_pos = kNil;
@@ -656,9 +661,17 @@ class EngineCore {
   }
 
   // Running tasks whose append_tokens failed get their blocks first, highest
-  // level first, then earliest admitted.
+  // level first, then earliest admitted. A task grown here is no victim of a
+  // later growth of this step (grown_step). Only a non-preemptible task can
+  // reach one: a preemptible task's victims at its level are newer than it,
+  // so served after it, and lower levels are served after it too.
   void serve_growth() {
     if (deficit_.empty()) return;
+    std::uint64_t grown_blocks[kPriorityCount] = {};  // blocks of victims grown by this step, per level
+    const auto served = [&](TaskRec& r) {
+      r.grown_step = step_no_;
+      if (r.in_victims) grown_blocks[r.level] += r.device.size();
+    };
     scratch_.assign(deficit_.begin(), deficit_.end());
     std::sort(scratch_.begin(), scratch_.end(), [this](std::uint32_t a, std::uint32_t b) {
       const TaskRec& x = recs_[a];
@@ -668,7 +681,11 @@ class EngineCore {
     for (const std::uint32_t s : scratch_) {
       TaskRec& r = recs_[s];
       if (r.state != State::kRunning || r.deficit_pos == kNil) continue;  // paused as a victim meanwhile
-      if (grow(s) || r.over_pool || !config_.scheduler.enable_preemption) continue;
+      if (grow(s)) {
+        served(r);
+        continue;
+      }
+      if (r.over_pool || !config_.scheduler.enable_preemption) continue;
       const std::size_t need = blocks_for(r.tokens) - r.device.size();
       // Blocks the victims ordered before r (lower levels, then r's level
       // from the newest admission down to r) could free.
@@ -677,20 +694,21 @@ class EngineCore {
       if (r.in_victims) {
         for (std::uint32_t x = victims_[r.level].tail; x != s; x = recs_[x].prev) avail += recs_[x].device.size();
       } else {
-        avail += victim_blocks_[r.level];
+        avail += victim_blocks_[r.level] - grown_blocks[r.level];
       }
       if (avail >= need) {
         r.device.reserve(blocks_for(r.tokens));  // so that the grow() below cannot throw
         for (std::uint32_t l = 0; l <= r.level && device_.free_blocks() < need; ++l) {
           for (std::uint32_t x = victims_[l].tail; x != kNil && x != s && device_.free_blocks() < need;) {
             const std::uint32_t prev = recs_[x].prev;
-            preempt(x);
+            if (recs_[x].grown_step != step_no_) preempt(x);
             x = prev;
           }
         }
         const bool ok = grow(s);
         assert(ok);
         (void)ok;
+        served(r);
       } else if (r.in_victims) {
         preempt(s);  // the task itself is the victim that makes room
       }

@@ -65,6 +65,13 @@ EngineConfig config(std::uint32_t device_blocks, std::uint32_t max_running = 256
   return c;
 }
 
+// Blocks of 4 tokens: a task grows by a block every 4 tokens.
+EngineConfig small_blocks(std::uint32_t device_blocks) {
+  EngineConfig c = config(device_blocks);
+  c.block_size = 4;
+  return c;
+}
+
 void submit(Engine& e, const ScheduledTask& t) { REQUIRE_FALSE(e.submit(t)); }
 
 std::vector<TaskId> admitted(const StepPlan& p) {
@@ -325,8 +332,7 @@ TEST_CASE("with no host pool a preemption releases the KV") {
 }
 
 TEST_CASE("decode growth takes a new block at each block boundary and keeps the table's prefix") {
-  EngineConfig c = config(8);
-  c.block_size = 4;
+  EngineConfig c = small_blocks(8);
   Engine e(c);
   submit(e, task(1, 4));
   CHECK(admitted(e.step()) == Ids{1});
@@ -346,8 +352,7 @@ TEST_CASE("decode growth takes a new block at each block boundary and keeps the 
 }
 
 TEST_CASE("decode growth to exhaustion preempts the lowest, newest task, then stalls past the pool") {
-  EngineConfig c = config(4);
-  c.block_size = 4;
+  EngineConfig c = small_blocks(4);
   Engine e(c);
   submit(e, task(1, 4, Priority::High));
   submit(e, task(2, 4, Priority::Low));
@@ -380,8 +385,7 @@ TEST_CASE("decode growth to exhaustion preempts the lowest, newest task, then st
 }
 
 TEST_CASE("a task that cannot grow and is the newest of its priority pauses itself") {
-  EngineConfig c = config(2);
-  c.block_size = 4;
+  EngineConfig c = small_blocks(2);
   Engine e(c);
   submit(e, task(1, 4));
   submit(e, task(2, 4));
@@ -394,8 +398,7 @@ TEST_CASE("a task that cannot grow and is the newest of its priority pauses itse
 }
 
 TEST_CASE("an older task that cannot grow preempts a newer one of its priority") {
-  EngineConfig c = config(2);
-  c.block_size = 4;
+  EngineConfig c = small_blocks(2);
   Engine e(c);
   submit(e, task(1, 4));
   submit(e, task(2, 4));
@@ -406,9 +409,31 @@ TEST_CASE("an older task that cannot grow preempts a newer one of its priority")
   CHECK(table(e, 1).size() == 2);
 }
 
+TEST_CASE("a task grown by a step is not paused by a later growth of that step") {
+  // 1 (oldest) and 2 are preemptible, 3 is not; all Normal, one block each,
+  // and the pool is full. 1 is served first and pauses 2 to grow; 3, which
+  // may pause older tasks of its priority, must not undo that growth.
+  EngineConfig c = small_blocks(3);
+  Engine e(c);
+  submit(e, task(1, 4));
+  submit(e, task(2, 4));
+  submit(e, task(3, 4, Priority::Normal, false));
+  CHECK(admitted(e.step()) == Ids{1, 2, 3});
+  CHECK_FALSE(e.append_tokens(1, 1));
+  CHECK_FALSE(e.append_tokens(3, 1));
+  CHECK(preempted(e.step()) == Ids{2});  // not {2, 1}
+  CHECK(table(e, 1).size() == 2);
+  CHECK(table(e, 3).size() == 1);
+  CHECK(e.stats().stalled == 1);
+  // A later step may pause it: 3 outranks no one, but growth takes victims
+  // of its own priority, the newest first.
+  CHECK(preempted(e.step()) == Ids{1});
+  CHECK(table(e, 3).size() == 2);
+  CHECK(e.stats().stalled == 0);
+}
+
 TEST_CASE("growth never preempts a higher-priority task") {
-  EngineConfig c = config(2);
-  c.block_size = 4;
+  EngineConfig c = small_blocks(2);
   Engine e(c);
   submit(e, task(1, 4, Priority::High));
   submit(e, task(2, 4, Priority::Low));
@@ -419,8 +444,7 @@ TEST_CASE("growth never preempts a higher-priority task") {
 }
 
 TEST_CASE("a non-preemptible task that cannot grow stays running as stalled until blocks are freed") {
-  EngineConfig c = config(2);
-  c.block_size = 4;
+  EngineConfig c = small_blocks(2);
   Engine e(c);
   submit(e, task(1, 4, Priority::Normal, false));
   submit(e, task(2, 4, Priority::High));
@@ -438,8 +462,7 @@ TEST_CASE("a non-preemptible task that cannot grow stays running as stalled unti
 }
 
 TEST_CASE("a task that cannot grow is served before waiting tasks") {
-  EngineConfig c = config(3);
-  c.block_size = 4;
+  EngineConfig c = small_blocks(3);
   Engine e(c);
   submit(e, task(1, 4, Priority::Normal, false));
   submit(e, task(2, 8, Priority::Normal));
@@ -711,8 +734,7 @@ TEST_CASE("with preemption disabled a critical arrival waits for a running slot"
 }
 
 TEST_CASE("with preemption disabled a task that cannot grow stalls instead of preempting") {
-  EngineConfig c = config(2);
-  c.block_size = 4;
+  EngineConfig c = small_blocks(2);
   c.scheduler.enable_preemption = false;
   Engine e(c);
   submit(e, task(1, 4, Priority::High));
@@ -1096,6 +1118,7 @@ struct Coverage {
   std::uint64_t swap_resumes = 0;
   std::uint64_t recompute_resumes = 0;
   std::uint64_t stalls = 0;
+  std::uint64_t grown_spared = 0;
   std::uint64_t over_pool = 0;
   std::uint64_t alone = 0;
   std::uint64_t budget_stops = 0;
@@ -1111,6 +1134,7 @@ struct Coverage {
     swap_resumes += o.swap_resumes;
     recompute_resumes += o.recompute_resumes;
     stalls += o.stalls;
+    grown_spared += o.grown_spared;
     over_pool += o.over_pool;
     alone += o.alone;
     budget_stops += o.budget_stops;
@@ -1137,6 +1161,7 @@ class Model {
     std::uint64_t arrival = 0;
     std::uint64_t admitted = 0;
     std::uint64_t paused_step = 0;
+    std::uint64_t grown_step = 0;  // the step whose growth served it
     int level = 0;
   };
 
@@ -1298,11 +1323,18 @@ class Model {
     });
     for (T* t : short_of) {
       if (t->st != St::kRunning || !t->deficit) continue;
-      if (grow(*t) || t->over_pool || !c_.scheduler.enable_preemption) continue;
+      if (grow(*t)) {
+        t->grown_step = step_;
+        continue;
+      }
+      if (t->over_pool || !c_.scheduler.enable_preemption) continue;
       const std::size_t need = blocks_for(t->tokens) - t->dev;
       const bool self = victim(*t);
+      // Ordered before t, and not grown by this step (served before t).
       auto before = victims([&](const T& v) {
-        return &v != t && (v.level < t->level || (v.level == t->level && (!self || v.admitted > t->admitted)));
+        const bool ordered = &v != t && (v.level < t->level || (v.level == t->level && (!self || v.admitted > t->admitted)));
+        cov.grown_spared += ordered && v.grown_step == step_;
+        return ordered && v.grown_step != step_;
       });
       std::size_t avail = dev_free_;
       for (T* v : before) avail += v->dev;
@@ -1313,6 +1345,7 @@ class Model {
           ++cov.growth_preemptions;
         }
         REQUIRE(grow(*t));
+        t->grown_step = step_;
       } else if (self) {
         preempt(*t);
         ++cov.self_preemptions;
@@ -1657,7 +1690,7 @@ TEST_CASE("100,000 random operations match the reference model and keep every in
   MESSAGE("preemptions: admission " << cov.admission_preemptions << ", growth " << cov.growth_preemptions
                                     << ", self " << cov.self_preemptions << "; swaps " << cov.swaps
                                     << ", recomputes " << cov.recomputes << "; resumes: swap " << cov.swap_resumes
-                                    << ", recompute " << cov.recompute_resumes << "; stalls " << cov.stalls
+                                    << ", recompute " << cov.recompute_resumes << "; stalls " << cov.stalls << ", grown spared " << cov.grown_spared
                                     << ", over-pool " << cov.over_pool << "; alone " << cov.alone
                                     << ", budget stops " << cov.budget_stops << ", paused-this-step stops "
                                     << cov.paused_this_step_stops << ", infeasible " << cov.infeasible

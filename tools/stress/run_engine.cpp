@@ -35,7 +35,10 @@
 //              alone may exceed it); every preemption has a cause, and
 //              victims go lowest priority first, then most recently run
 //              (check_order, as far as the stamps make a violation certain);
-//              a step's last victim was needed (step()).
+//              a step's last victim was needed (step()); growth is served
+//              highest priority first, then earliest run, and a growing task
+//              that pauses itself paused nobody for itself (check_self_pause,
+//              check_growth_order).
 // At the end of each epoch the loop (after the producers stopped) cancels
 // every id of the epoch and checks the answer against the model: every
 // accepted task is in exactly one of finished, cancelled or still there;
@@ -239,6 +242,7 @@ class EngineRun {
     running_ids_.reserve(ids_per_epoch_);
     paused_ids_.reserve(ids_per_epoch_);
     changed_.reserve(ids_per_epoch_);
+    short_before_.reserve(ids_per_epoch_);
     producers_active_.store(cfg.threads - 1);
     if (cfg.threads > 1 && !producers_have_ops_) r.notes.push_back("the mix gives submit and cancel weight 0: the producers idle");
     if (cfg.threads > 1 && !loop_has_ops_) r.notes.push_back("the mix gives step, append and finish weight 0: the loop only drains");
@@ -603,6 +607,7 @@ class EngineRun {
     int top_served = -1;  // the highest priority admitted or resumed by the step
     for (const auto& ad : plan.admitted) top_served = std::max(top_served, static_cast<int>(level_of(ad.task.id)));
     for (const auto& rs : plan.resumed) top_served = std::max(top_served, static_cast<int>(level_of(rs.task.id)));
+    if (!cancel_overlapped) check_self_pause(plan, t0, t1, top_served);
     for (const auto& pr : plan.preempted) {
       const TaskId v = pr.task.id;
       if (!in_epoch(v)) continue;
@@ -619,6 +624,8 @@ class EngineRun {
       for (const TaskId e : running_ids_) {
         const LoopRec& er = loop_[idx(e)];
         if (er.changed || !make_task(e).is_preemptible || blocks_for(er.tokens) > device_total_ || cancel_seen(e)) continue;
+        // Grown by this step: no victim of a later growth (nor, here, a witness against an admission's victims).
+        if (er.stalled && engine_.block_table(e).size() >= blocks_for(er.tokens)) continue;
         const int le = static_cast<int>(level_of(e));
         if (le < lv || (le == lv && er.run_seq > vr.run_seq)) {
           fail("order",
@@ -631,13 +638,74 @@ class EngineRun {
     }
   }
 
+  // Growth that ends in the growing task pausing itself pauses nobody else
+  // for it (victims ordered before it are paused only if together they make
+  // room). Growth comes first in a step, serves the tasks short of blocks
+  // when the step began (highest priority first, then earliest run), and
+  // pauses only for the task it serves; admission then pauses strictly lower
+  // priorities only. So a short task T preempted by a step in which no short
+  // task was served before it, and nothing of a higher priority was admitted
+  // or resumed, paused itself, and every victim the plan lists before it was
+  // paused for it. (Not judged when a cancel overlapped the step: admission
+  // may have paused T for a waiting task cancelled before it was taken.)
+  void check_self_pause(const StepPlan& plan, std::uint64_t t0, std::uint64_t t1, int top_served) {
+    for (std::size_t j = 1; j < plan.preempted.size(); ++j) {
+      const TaskId t = plan.preempted[j].task.id;
+      if (!in_epoch(t) || !loop_[idx(t)].stalled) continue;
+      const unsigned lt = level_of(t);
+      if (top_served > static_cast<int>(lt)) continue;  // maybe a victim of that admission
+      const std::uint64_t seq = loop_[idx(t)].run_seq;
+      const bool served_before = std::any_of(short_before_.begin(), short_before_.end(), [&](const Short& g) {
+        const unsigned lg = level_of(g.id);
+        return g.id != t && (lg > lt || (lg == lt && loop_[idx(g.id)].run_seq < seq));
+      });
+      if (served_before) continue;  // maybe a victim of its growth
+      const TaskId v = plan.preempted[j - 1].task.id;
+      if (!in_epoch(v)) continue;
+      fail("order",
+           "step" + at(t0, t1) + " preempted task " + std::to_string(v) + " for the growth of task " + std::to_string(t) +
+               " (no task short of blocks was served before it), and then task " + std::to_string(t) +
+               " itself: a growth pauses others only if that makes room",
+           {v, t}, {{"step", t, t0, t1}});
+      return;
+    }
+  }
+
+  // Growth is served highest priority first, then earliest run (admitted or
+  // resumed). In a step without preemptions free blocks only shrink while
+  // growth is served (cancels are drained before it, admission comes after),
+  // so a task grown by the step needed fewer blocks than every task served
+  // before it that stayed short. (After the block tables are rebuilt.)
+  void check_growth_order(const StepPlan& plan, std::uint64_t t0, std::uint64_t t1) {
+    if (!plan.preempted.empty() || short_before_.size() < 2) return;
+    const auto grown = [&](TaskId id) { return table_size_[idx(id)] >= blocks_for(loop_[idx(id)].tokens); };
+    for (const Short& a : short_before_) {
+      const LoopRec& ra = loop_[idx(a.id)];
+      if (ra.state != State::kRunning || !grown(a.id)) continue;
+      for (const Short& b : short_before_) {
+        const LoopRec& rb = loop_[idx(b.id)];
+        if (b.id == a.id || rb.state != State::kRunning || cancel_seen(b.id) || grown(b.id) || b.need > a.need) continue;
+        const unsigned la = level_of(a.id), lb = level_of(b.id);
+        if (lb < la || (lb == la && rb.run_seq > ra.run_seq)) continue;  // served after a
+        fail("order",
+             "step" + at(t0, t1) + " preempted nobody and grew task " + std::to_string(a.id) + ", short of " + std::to_string(a.need) + " block(s), while task " +
+                 std::to_string(b.id) + ", served first (" + (lb > la ? "a higher priority" : "run earlier") + "), stayed short of " + std::to_string(b.need) +
+                 " (growth: highest priority first, then earliest run)",
+             {a.id, b.id}, {{"step", a.id, t0, t1}});
+        return;
+      }
+    }
+  }
+
   void step(std::uint64_t& t0_out) {
     // What the victim checks need from before the step (check_order).
     for (const TaskId id : paused_ids_) loop_[idx(id)].stalled = false;
+    short_before_.clear();
     for (const TaskId id : running_ids_) {
       LoopRec& rec = loop_[idx(id)];
       const std::size_t want = blocks_for(rec.tokens);
       rec.stalled = table_size_[idx(id)] < want && want <= device_total_;
+      if (rec.stalled) short_before_.push_back({id, static_cast<std::uint32_t>(want - table_size_[idx(id)])});
     }
     // No cancel overlapped the step if every cancel begun by its end had
     // returned before it began (a producer counts one before and after the call).
@@ -847,6 +915,7 @@ class EngineRun {
       }
       ++i;
     }
+    check_growth_order(plan, t0, t1);
     // Cancels that returned before the step began were carried out by it.
     for (std::size_t i = 0; i < paused_ids_.size();) {
       const TaskId id = paused_ids_[i];
@@ -1143,6 +1212,11 @@ class EngineRun {
   std::vector<std::uint32_t> table_size_ = std::vector<std::uint32_t>(ids_per_epoch_, 0);
   std::vector<Owner> device_owner_, host_owner_;
   std::vector<TaskId> running_ids_, paused_ids_, changed_;
+  struct Short {
+    TaskId id;
+    std::uint32_t need;  // blocks missing when the step began
+  };
+  std::vector<Short> short_before_;  // running tasks short of blocks when the step began
   std::vector<TaskId> waiting_model_;   // accepted ids not yet seen gone (check_order prunes it)
   std::vector<std::uint64_t> pending_;  // epoch indices whose submit had not returned at the last look
   std::uint64_t scanned_ = 0;           // epoch indices looked at so far
