@@ -23,7 +23,8 @@
 //     one word, b = 8:   bits 63..8 pad (always 1) | bits 7..0 = blocks 8w+7..8w
 //     1 = claimed (held, or inside an in-flight call), 0 = free.
 //     b = 64 once N >= 256; smaller pools use fewer bits a word so that they
-//     still spread over at least 4 lines (sbitmap_calculate_shift).
+//     still spread over at least 4 lines (sbitmap_calculate_shift), except
+//     N < 4: one word, N bits of it used.
 //
 //   counts_  std::atomic<uint32_t>[N], packed: references to each block.
 //   free_    own line: blocks that a try_allocate may still reserve.
@@ -90,9 +91,11 @@
 //   (6) free_ fetch_add, release: pairs with (1).
 //
 // Progress: (1) retries only when another call changed free_; (3) only when
-// another call changed the word; the scan keeps going round until it has its
-// k bits, which I3 guarantees exist and which only reserved callers (a bounded
-// number) can take, so a pass fails only because another call claimed bits.
+// another call changed the word (both also on a spurious failure of
+// compare_exchange_weak, which LL/SC targets allow); the scan keeps going
+// round until it has its k bits, which I3 guarantees exist and which only
+// reserved callers (a bounded number) can take, so a pass fails only because
+// another call claimed bits.
 // Lock-free. A thread preempted after (1) holds its reservation, as if it held
 // the blocks; one preempted between (D) and (6) delays only the visibility of
 // its freed blocks in free_.
@@ -135,7 +138,7 @@ std::uint32_t seed_hint(std::uint32_t num_words) noexcept {
 }
 
 // sbitmap_calculate_shift: 64 bits a word, fewer for small pools so that they
-// still cover at least 4 cache lines.
+// still cover at least 4 cache lines (1 to 3 blocks: one word).
 std::uint32_t shift_for(std::uint32_t num_blocks) noexcept {
   std::uint32_t shift = 6;
   if (num_blocks >= 4) {
@@ -419,7 +422,12 @@ BlockAllocation BlockAllocation::share() const {
 namespace {
 const BlockAllocatorConfig& checked_config(const BlockAllocatorConfig& c) {
   checked_blocks(c.num_blocks, "BlockAllocator");
-  if (c.block_size == 0) throw std::invalid_argument("BlockAllocator: block_size must be at least 1, got 0");
+  const std::pair<const char*, std::uint32_t> sizes[] = {{"block_size", c.block_size},     {"num_layers", c.num_layers},
+                                                         {"num_kv_heads", c.num_kv_heads}, {"head_dim", c.head_dim},
+                                                         {"dtype_bytes", c.dtype_bytes}};
+  for (const auto& [name, value] : sizes) {
+    if (value == 0) throw std::invalid_argument(std::string("BlockAllocator: ") + name + " must be at least 1, got 0");
+  }
   if (std::uint64_t{c.num_blocks} * c.block_size > (std::uint64_t{1} << 32)) {
     throw std::invalid_argument("BlockAllocator: num_blocks x block_size must be at most 2^32 (slots are 32-bit), got " +
                                 std::to_string(c.num_blocks) + " x " + std::to_string(c.block_size));

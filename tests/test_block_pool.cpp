@@ -353,6 +353,23 @@ TEST_CASE("an allocator with block_size 0 is rejected with a message") {
   CHECK_THROWS_WITH_AS(BlockAllocator(small_config(16, 0)), doctest::Contains("block_size"), std::invalid_argument);
 }
 
+TEST_CASE("an allocator whose blocks would have 0 bytes is rejected with a message") {
+  const auto with = [](std::uint32_t BlockAllocatorConfig::*field) {
+    BlockAllocatorConfig c = small_config(16, 4);
+    c.*field = 0;
+    return c;
+  };
+  CHECK_THROWS_WITH_AS(BlockAllocator(with(&BlockAllocatorConfig::num_layers)), doctest::Contains("num_layers"),
+                       std::invalid_argument);
+  CHECK_THROWS_WITH_AS(BlockAllocator(with(&BlockAllocatorConfig::num_kv_heads)), doctest::Contains("num_kv_heads"),
+                       std::invalid_argument);
+  CHECK_THROWS_WITH_AS(BlockAllocator(with(&BlockAllocatorConfig::head_dim)), doctest::Contains("head_dim"),
+                       std::invalid_argument);
+  CHECK_THROWS_WITH_AS(BlockAllocator(with(&BlockAllocatorConfig::dtype_bytes)), doctest::Contains("dtype_bytes"),
+                       std::invalid_argument);
+  CHECK(BlockAllocator(small_config(16, 4)).memory_stats().total_bytes > 0);
+}
+
 TEST_CASE("an allocator with a bad block count is rejected with a message") {
   CHECK_THROWS_WITH_AS(BlockAllocator(BlockAllocatorConfig::with_blocks(0)), doctest::Contains("num_blocks"),
                        std::invalid_argument);

@@ -10,7 +10,8 @@
 // destroyed on different threads at once.
 //
 // Progress: try_allocate, retain, try_retain and release are lock-free (no call waits for
-// another to finish; a retry means another call changed the same word);
+// another to finish; a retry means another call changed the same word, or a
+// compare_exchange_weak failed spuriously, which LL/SC targets allow);
 // total_blocks, free_blocks, ref_count and invalid_releases are wait-free.
 // None of them takes a lock, makes a system call or allocates memory.
 //
@@ -77,7 +78,11 @@ class BlockPool {
   /// Drops one reference from each block; a block whose count reaches zero is
   /// free again. Returns how many became free. An id that is free (count 0)
   /// or out of range is skipped and counted in invalid_releases(); a repeated
-  /// id drops one reference per occurrence. Concurrent with anything.
+  /// id drops one reference per occurrence (a repeat beyond the references
+  /// held is a double release: bits are cleared as the call goes, so a
+  /// concurrent try_allocate may take the block between two occurrences, and
+  /// the later one then drops the new owner's reference, uncounted).
+  /// Concurrent with anything.
   [[nodiscard]] std::size_t release(std::span<const BlockId> blocks) noexcept;
 
   /// Rejected ids so far: releases AND retains of a free or out-of-range
@@ -197,10 +202,10 @@ class BlockAllocation {
   /// A second owner of the same blocks and token count: every block gains one
   /// reference, and each owner returns its own when destroyed. Copy-on-write of
   /// a shared, partly filled last block is the caller's concern. Sharing an
-  /// empty allocation gives an empty one. Throws std::overflow_error, changing
-  /// nothing, when a block already has UINT32_MAX references (or is no longer
-  /// held: someone released it on this allocation's behalf); std::bad_alloc
-  /// copying the block list.
+  /// empty allocation gives an empty one. Throws std::overflow_error, taking no
+  /// reference (invalid_releases() counts the rejected id), when a block
+  /// already has UINT32_MAX references (or is no longer held: someone released
+  /// it on this allocation's behalf); std::bad_alloc copying the block list.
   BlockAllocation share() const;
 
  private:
@@ -220,7 +225,8 @@ class BlockAllocation {
 /// Not copyable or movable (allocations point at its pool).
 class BlockAllocator {
  public:
-  /// Throws std::invalid_argument when block_size is 0, num_blocks is 0 or
+  /// Throws std::invalid_argument when block_size, num_layers, num_kv_heads,
+  /// head_dim or dtype_bytes is 0 (a block of 0 bytes), num_blocks is 0 or
   /// above kMaxBlocks, num_blocks x block_size exceeds 2^32 (slots are 32-bit),
   /// or total_memory_bytes() overflows 64 bits.
   explicit BlockAllocator(BlockAllocatorConfig config);
