@@ -18,16 +18,25 @@ struct PairW {
     TaskGen gen(static_cast<std::uint64_t>(tid) + 1);
     Deadline deadline(r.stop, r.duration_ticks);
     std::uint64_t i = 0, scheduled = 0, taken = 0;
+    std::uint64_t sum_in = 0, sum_out = 0;  // fingerprints of the tasks in and out
     for (; !deadline.expired(i); ++i) {
       const ScheduledTask t = gen.next();
-      scheduled += timed<kT>(h, [&] { return q.schedule(t); }) ? 1 : 0;
+      if (timed<kT>(h, [&] { return q.schedule(t); })) {
+        ++scheduled;
+        sum_in += fingerprint(t);
+      }
       const auto got = timed<kT>(h, [&] { return q.next(); });
-      taken += got ? 1 : 0;
+      if (got) {
+        ++taken;
+        sum_out += fingerprint(*got);
+      }
       benchmark::DoNotOptimize(got);
     }
     st.ops = st.items = i;
     st.scheduled = scheduled;
     st.taken = taken;
+    st.sum_in = sum_in;
+    st.sum_out = sum_out;
     st.aux0 = i - scheduled;  // refused: 0 unless the capacity is wrong
   }
   static void report(benchmark::State& state, const RunTotals& t) {
@@ -45,18 +54,27 @@ struct PeekW {
       TaskGen gen(static_cast<std::uint64_t>(tid) + 1);
       Deadline deadline(r.stop, r.duration_ticks);
       std::uint64_t i = 0, scheduled = 0, taken = 0;
+      std::uint64_t sum_in = 0, sum_out = 0;  // fingerprints of the tasks in and out
       for (; !deadline.expired(i); ++i) {
         const ScheduledTask t = gen.next();
-        scheduled += timed<kT>(h, [&] { return q.schedule(t); }) ? 1 : 0;
+        if (timed<kT>(h, [&] { return q.schedule(t); })) {
+          ++scheduled;
+          sum_in += fingerprint(t);
+        }
         const auto seen = timed<kT>(h, [&] { return q.peek(); });
         benchmark::DoNotOptimize(seen);
         const auto got = timed<kT>(h, [&] { return q.next(); });
-        taken += got ? 1 : 0;
+        if (got) {
+          ++taken;
+          sum_out += fingerprint(*got);
+        }
         benchmark::DoNotOptimize(got);
       }
       st.ops = st.items = i;
       st.scheduled = scheduled;
       st.taken = taken;
+      st.sum_in = sum_in;
+      st.sum_out = sum_out;
     }
   }
   static void report(benchmark::State&, const RunTotals&) {}
@@ -68,6 +86,11 @@ template <SchedulerAdapter Q>
 void queue_memory(benchmark::State& state) {
   constexpr std::size_t kCap = kPairCapacity;
   const double cap = static_cast<double>(kCap);
+  if (const std::string& err = checked<Q>(); !err.empty()) {
+    static std::string error;  // outlives the run for the library's report
+    error = "self-check failed: " + err;
+    state.SkipWithError(error.c_str());
+  }
   for (auto _ : state) {
     const AllocStats a0 = thread_alloc_stats();
     auto q = std::make_unique<Q>(kCap);

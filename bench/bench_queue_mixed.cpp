@@ -31,6 +31,7 @@ struct ProdConsW {
     Q& q = r.queue;
     Deadline deadline(r.stop, r.duration_ticks);
     std::uint64_t i = 0, ok = 0;
+    std::uint64_t sum_in = 0, sum_out = 0;  // fingerprints of the tasks in and out
     std::uint32_t failures = 0;
     if (tid < n / 2) {
       TaskGen gen(static_cast<std::uint64_t>(tid) + 1);
@@ -38,6 +39,7 @@ struct ProdConsW {
         const ScheduledTask t = gen.next();
         const bool done = timed<kT>(h, [&] { return q.schedule(t); });
         ok += done ? 1 : 0;
+        if (done) sum_in += fingerprint(t);
         back_off(done, failures);
       }
       st.role = 0;
@@ -47,6 +49,7 @@ struct ProdConsW {
       for (; !deadline.expired(i); ++i) {
         const auto got = timed<kT>(h, [&] { return q.next(); });
         ok += got ? 1 : 0;
+        if (got) sum_out += fingerprint(*got);
         back_off(got.has_value(), failures);
         benchmark::DoNotOptimize(got);
       }
@@ -55,6 +58,8 @@ struct ProdConsW {
       st.aux1 = i - ok;  // found empty
     }
     st.ops = ok;
+    st.sum_in = sum_in;
+    st.sum_out = sum_out;
   }
   static void report(benchmark::State& state, const RunTotals& t) {
     const double items = static_cast<double>(std::max<std::uint64_t>(t.items, 1));
@@ -77,6 +82,7 @@ struct BurstW {
     TaskGen gen(static_cast<std::uint64_t>(tid) + 1);
     const std::uint64_t end = ticks() + r.duration_ticks;
     std::uint64_t scheduled = 0, taken = 0, fill_ticks = 0, rounds = 0;
+    std::uint64_t sum_in = 0, sum_out = 0;  // fingerprints of the tasks in and out
     for (;;) {
       // relaxed: the barrier below publishes the flag to every thread.
       if (tid == 0 && ticks() >= end) r.stop.store(true, std::memory_order::relaxed);
@@ -87,7 +93,10 @@ struct BurstW {
         const std::uint64_t t0 = ticks();
         for (std::size_t k = 0; k < kBurst; ++k) {
           const ScheduledTask t = gen.next();
-          scheduled += timed<kT>(h, [&] { return q.schedule(t); }) ? 1 : 0;
+          if (timed<kT>(h, [&] { return q.schedule(t); })) {
+            ++scheduled;
+            sum_in += fingerprint(t);
+          }
         }
         fill_ticks += ticks() - t0;
       }
@@ -96,11 +105,14 @@ struct BurstW {
         const auto got = timed<kT>(h, [&] { return q.next(); });
         if (!got) break;
         ++taken;
+        sum_out += fingerprint(*got);
       }
       ++rounds;
     }
     st.scheduled = scheduled;
     st.taken = st.items = st.ops = taken;
+    st.sum_in = sum_in;
+    st.sum_out = sum_out;
     st.aux0 = fill_ticks;
     st.aux1 = tid == 0 ? rounds : 0;
   }
@@ -123,20 +135,33 @@ struct CancelW {
       TaskGen gen(static_cast<std::uint64_t>(tid) + 1);
       Deadline deadline(r.stop, r.duration_ticks);
       std::uint64_t i = 0, scheduled = 0, taken = 0, cancelled = 0;
+      std::uint64_t sum_in = 0, sum_out = 0;  // fingerprints of the tasks in and out
       for (; !deadline.expired(i); ++i) {
         const ScheduledTask a = gen.next(), b = gen.next(), c = gen.next();
-        scheduled += timed<kT>(h, [&] { return q.schedule(a); }) ? 1 : 0;
-        scheduled += timed<kT>(h, [&] { return q.schedule(b); }) ? 1 : 0;
-        scheduled += timed<kT>(h, [&] { return q.schedule(c); }) ? 1 : 0;
-        cancelled += timed<kT>(h, [&] { return q.cancel(b.id); }) ? 1 : 0;
-        taken += timed<kT>(h, [&] { return q.next(); }) ? 1 : 0;
-        taken += timed<kT>(h, [&] { return q.next(); }) ? 1 : 0;
+        for (const ScheduledTask* x : {&a, &b, &c}) {
+          if (timed<kT>(h, [&] { return q.schedule(*x); })) {
+            ++scheduled;
+            sum_in += fingerprint(*x);
+          }
+        }
+        if (const auto got = timed<kT>(h, [&] { return q.cancel(b.id); })) {
+          ++cancelled;
+          sum_out += fingerprint(*got);
+        }
+        for (int k = 0; k < 2; ++k) {
+          if (const auto got = timed<kT>(h, [&] { return q.next(); })) {
+            ++taken;
+            sum_out += fingerprint(*got);
+          }
+        }
       }
       st.ops = i;
       st.items = 3 * i;
       st.scheduled = scheduled;
       st.taken = taken;
       st.cancelled = cancelled;
+      st.sum_in = sum_in;
+      st.sum_out = sum_out;
       st.aux0 = i;  // cancel attempts
     }
   }
@@ -157,18 +182,25 @@ struct NearFullW {
     TaskGen gen(static_cast<std::uint64_t>(tid) + 1);
     Deadline deadline(r.stop, r.duration_ticks);
     std::uint64_t i = 0, scheduled = 0, taken = 0, refused = 0;
+    std::uint64_t sum_in = 0, sum_out = 0;  // fingerprints of the tasks in and out
     for (; !deadline.expired(i); ++i) {
       const ScheduledTask t = gen.next();
       if (timed<kT>(h, [&] { return q.schedule(t); })) {
         ++scheduled;
+        sum_in += fingerprint(t);
         continue;
       }
       ++refused;
-      taken += timed<kT>(h, [&] { return q.next(); }) ? 1 : 0;
+      if (const auto got = timed<kT>(h, [&] { return q.next(); })) {
+        ++taken;
+        sum_out += fingerprint(*got);
+      }
     }
     st.scheduled = scheduled;
     st.taken = st.items = taken;
     st.ops = scheduled + taken;
+    st.sum_in = sum_in;
+    st.sum_out = sum_out;
     st.aux0 = refused;
   }
   static void report(benchmark::State& state, const RunTotals& t) {

@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -173,6 +174,8 @@ struct alignas(64) ThreadStats {
   std::uint64_t allocs = 0;       ///< heap allocations made inside the loop
   std::uint64_t cpu_ns = 0;       ///< CPU time the thread used inside the loop
   std::uint64_t preemptions = 0;  ///< involuntary context switches inside the loop
+  std::uint64_t sum_in = 0;       ///< sum of fingerprint() of the tasks accepted
+  std::uint64_t sum_out = 0;      ///< sum of fingerprint() of the tasks returned (next or cancel)
   int role = 0;                   ///< fairness is computed within a role
 };
 
@@ -304,28 +307,45 @@ class Rng {
   std::uint64_t s_;
 };
 
+/// A task's fingerprint (id, tokens, priority). The sum over the tasks put in
+/// must equal the sum over the tasks that came out (by next, cancel or the
+/// drain): a peer that delivers one task twice and loses another, or tears a
+/// task, fails it where a count would not.
+inline std::uint64_t fingerprint(const sched::ScheduledTask& t) noexcept {
+  std::uint64_t z = (t.id * 0x9E3779B97F4A7C15ull) ^ (static_cast<std::uint64_t>(t.estimated_tokens) << 8) ^
+                    static_cast<std::uint64_t>(sched::value(t.priority));
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
 // ---------------------------------------------------------------------------
 // Reporting (thread 0, after the run).
 
-/// min/max of ops within each role, the smallest over the roles.
-inline double fairness(const std::vector<ThreadStats>& stats) {
-  double f = 1.0;
+/// min/max of ops within each role, the smallest over the roles that have two
+/// threads or more; nullopt when none has (one thread is always "fair", and
+/// the report shows "-" rather than a perfect score that measured nothing).
+inline std::optional<double> fairness(const std::vector<ThreadStats>& stats) {
+  std::optional<double> f;
   for (int role = 0; role < 4; ++role) {
     std::uint64_t lo = std::numeric_limits<std::uint64_t>::max(), hi = 0;
+    int threads = 0;
     for (const auto& s : stats) {
       if (s.role != role) continue;
+      ++threads;
       lo = std::min(lo, s.ops);
       hi = std::max(hi, s.ops);
     }
-    if (hi == 0 && lo == std::numeric_limits<std::uint64_t>::max()) continue;  // role unused
-    f = std::min(f, hi == 0 ? 0.0 : static_cast<double>(lo) / static_cast<double>(hi));
+    if (threads < 2) continue;
+    const double r = hi == 0 ? 0.0 : static_cast<double>(lo) / static_cast<double>(hi);
+    f = f ? std::min(*f, r) : r;
   }
   return f;
 }
 
 struct RunTotals {
   std::uint64_t items = 0, ops = 0, scheduled = 0, taken = 0, cancelled = 0, aux0 = 0, aux1 = 0, allocs = 0, cpu_ns = 0,
-                preemptions = 0;
+                preemptions = 0, sum_in = 0, sum_out = 0;
   double elapsed_s = 0;
 };
 
@@ -343,6 +363,8 @@ inline RunTotals totals(const std::vector<ThreadStats>& stats) {
     t.allocs += s.allocs;
     t.cpu_ns += s.cpu_ns;
     t.preemptions += s.preemptions;
+    t.sum_in += s.sum_in;
+    t.sum_out += s.sum_out;
     first = std::min(first, s.start);
     last = std::max(last, s.end);
   }
@@ -362,7 +384,7 @@ inline void report_common(benchmark::State& state, const RunBase& run, bool time
   // without the time the thread waited for a CPU; with spinning peers it
   // also counts the spinning.
   state.counters["cpu_ns_per_item"] = items > 0 ? static_cast<double>(t.cpu_ns) / items : 0.0;
-  state.counters["fairness"] = fairness(run.stats);
+  if (const std::optional<double> f = fairness(run.stats)) state.counters["fairness"] = *f;
   state.counters["allocs_per_item"] = items > 0 ? static_cast<double>(t.allocs) / items : 0.0;
   state.counters["elapsed_ms"] = t.elapsed_s * 1e3;
   if (timed) {

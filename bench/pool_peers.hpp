@@ -218,6 +218,9 @@ class ProjectBlockPool {
   bool try_allocate(std::span<BlockIndex> out) { return pool_.try_allocate(out); }
   void release(std::span<const BlockIndex> blocks) { (void)pool_.release(blocks); }
   std::size_t free_count() { return pool_.free_blocks(); }
+  /// Releases the pool refused (a block released twice, or never handed out):
+  /// the trace of a block handed to two holders, which free_count() cannot show.
+  std::size_t rejected_releases() const { return pool_.invalid_releases(); }
 
  private:
   tgi_gtc::scheduling::BlockPool pool_;

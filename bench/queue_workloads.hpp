@@ -6,8 +6,8 @@
 // loop runs until the shared stop flag (Deadline); each thread writes its
 // ThreadStats; after the library's end barrier thread 0 drains the queue,
 // checks conservation (every accepted task came out exactly once, by next or
-// cancel) and reports. The ".lat" flavour times every call; the plain one
-// times none.
+// cancel: the count, and the sum of the tasks' fingerprints) and reports. The
+// ".lat" flavour times every call; the plain one times none.
 #pragma once
 
 #include <barrier>
@@ -32,15 +32,23 @@ struct QueueRun : RunBase {
   Q queue;
   std::barrier<> barrier;  ///< burst rounds only
   std::uint64_t prefilled = 0;
+  std::uint64_t prefill_sum = 0;  ///< sum of fingerprint() over the prefill
 };
 
-/// The queue at `depth` before timing, drawn from the same priority mix as
-/// the timed tasks (so seed_mutex's insertion scan meets a realistic queue).
+/// The queue at `depth` before timing: the timed tasks' ids and tokens, all
+/// Low (see below and bench/README.md).
 template <SchedulerAdapter Q>
 void prefill(QueueRun<Q>& run, std::size_t depth) {
   TaskGen gen(0);
   for (std::size_t i = 0; i < depth; ++i) {
-    if (!run.queue.schedule(gen.next())) {
+    ScheduledTask t = gen.next();
+    // The stationary state of a queue under schedule-one/take-the-highest:
+    // every higher-priority task is taken before a Low one, so the backlog is
+    // Low. Starting there measures every peer in the same state, whatever
+    // its speed and the run's length.
+    t.priority = sched::Priority::Low;
+    run.prefill_sum += fingerprint(t);
+    if (!run.queue.schedule(t)) {
       run.error = "prefill refused a task below capacity";
       return;
     }
@@ -74,11 +82,17 @@ void queue_benchmark(benchmark::State& state, std::size_t depth, std::size_t cap
   if (tid == 0) {
     if (run->error.empty()) {
       const RunTotals t = totals(run->stats);
-      std::uint64_t left = 0;
-      while (run->queue.next()) ++left;
+      std::uint64_t left = 0, left_sum = 0;
+      while (const auto x = run->queue.next()) {
+        ++left;
+        left_sum += fingerprint(*x);
+      }
       const std::uint64_t expected = run->prefilled + t.scheduled - t.taken - t.cancelled;
       if (left != expected) {
         error = "conservation violated: " + std::to_string(left) + " tasks left, expected " + std::to_string(expected);
+        state.SkipWithError(error.c_str());
+      } else if (run->prefill_sum + t.sum_in != t.sum_out + left_sum) {
+        error = "exactly-once violated: the tasks that came out are not the tasks that went in";
         state.SkipWithError(error.c_str());
       } else {
         report_common(state, *run, kTimed);
