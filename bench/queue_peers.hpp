@@ -494,6 +494,7 @@ class ProjectScheduler {
 template <SchedulerAdapter Q>
 std::string self_check() {
   constexpr std::size_t kCap = 64;
+  constexpr std::size_t kLargeCap = 16384;
   Q q(kCap);
   auto task = [](TaskId id, Priority p) {
     ScheduledTask t(id, 100 + id);
@@ -524,13 +525,23 @@ std::string self_check() {
     if (*r != e) return "order: expected id " + std::to_string(e.id) + ", got " + std::to_string(r->id);
   }
   if (q.next()) return "a task came out twice";
-  // 2. Capacity: exactly kCap accepted.
-  for (TaskId i = 0; i < kCap; ++i)
-    if (!q.schedule(task(100 + i, Priority::Normal))) return "refused a task below capacity";
-  if (q.schedule(task(999, Priority::Critical))) return "accepted a task above capacity";
-  for (std::size_t i = 0; i < kCap; ++i)
-    if (!q.next()) return "lost a task at capacity";
-  if (q.next()) return "queue not empty after draining";
+  // 2. Capacity: exactly kCap accepted, and exactly kLargeCap, the pair
+  //    workloads' capacity (atomic_queue1's ring enforces that one itself).
+  const auto exactly = [&](Q& queue, std::size_t cap) -> std::string {
+    const std::string at = " capacity " + std::to_string(cap);
+    for (TaskId i = 0; i < cap; ++i)
+      if (!queue.schedule(task(100 + i, Priority::Normal))) return "refused a task below" + at;
+    if (queue.schedule(task(100 + cap, Priority::Critical))) return "accepted a task above" + at;
+    for (std::size_t i = 0; i < cap; ++i)
+      if (!queue.next()) return "lost a task at" + at;
+    if (queue.next()) return "queue not empty after draining";
+    return {};
+  };
+  if (std::string err = exactly(q, kCap); !err.empty()) return err;
+  {
+    auto large = std::make_unique<Q>(kLargeCap);
+    if (std::string err = exactly(*large, kLargeCap); !err.empty()) return err;
+  }
   // 3. Cancel by id.
   if constexpr (CancelCapable<Q>) {
     for (TaskId i = 1; i <= 8; ++i)
