@@ -620,13 +620,24 @@ class EngineRun {
                  " and no running task of its priority or higher was short of blocks",
              {v}, {{"step", v, t0, t1}});
       }
+      // Grown by this step and then paused by it (its swap-out copies more
+      // blocks than it held when the step began): only an admission or
+      // resumption of a higher priority may do that, never a growth.
+      if (vr.stalled && !pr.recompute && pr.swap_out.size() > table_size_[idx(v)] && !cancel_overlapped && top_served <= lv) {
+        fail("order",
+             "step" + at(t0, t1) + " grew " + prio(v) + " and then preempted it, with nothing of a higher priority admitted or resumed" +
+                 " (a task grown by a step is no victim of a later growth in it)",
+             {v}, {{"step", v, t0, t1}});
+      }
       if (vr.stalled) continue;  // it may have paused itself, ahead of any other victim
       for (const TaskId e : running_ids_) {
         const LoopRec& er = loop_[idx(e)];
         if (er.changed || !make_task(e).is_preemptible || blocks_for(er.tokens) > device_total_ || cancel_seen(e)) continue;
-        // Grown by this step: no victim of a later growth (nor, here, a witness against an admission's victims).
-        if (er.stalled && engine_.block_table(e).size() >= blocks_for(er.tokens)) continue;
         const int le = static_cast<int>(level_of(e));
+        // Grown by this step: no victim of a later growth, which serves tasks
+        // of its own level or lower only after it (a grown task of a lower
+        // level than a victim is always a witness).
+        if (le == lv && er.stalled && engine_.block_table(e).size() >= blocks_for(er.tokens)) continue;
         if (le < lv || (le == lv && er.run_seq > vr.run_seq)) {
           fail("order",
                "step" + at(t0, t1) + " preempted " + prio(v) + " but left preemptible " + prio(e) + " running, " +
@@ -665,7 +676,7 @@ class EngineRun {
       fail("order",
            "step" + at(t0, t1) + " preempted task " + std::to_string(v) + " for the growth of task " + std::to_string(t) +
                " (no task short of blocks was served before it), and then task " + std::to_string(t) +
-               " itself: a growth pauses others only if that makes room",
+               ": a growth pauses others for a task only if that lets it grow, and the task keeps its growth",
            {v, t}, {{"step", t, t0, t1}});
       return;
     }
