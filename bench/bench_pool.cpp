@@ -71,11 +71,7 @@ void pool_benchmark(benchmark::State& state, std::size_t k) {
         error =
             "conservation violated: " + std::to_string(now) + " blocks free, expected " + std::to_string(initial_free);
         state.SkipWithError(error.c_str());
-      } else if (const std::size_t bad = [&] {
-                   if constexpr (requires { run->pool.rejected_releases(); }) return run->pool.rejected_releases();
-                   return std::size_t{0};
-                 }();
-                 bad != 0) {
+      } else if (const std::size_t bad = rejected_releases(run->pool); bad != 0) {
         error = "conservation violated: " + std::to_string(bad) + " releases rejected (a block held twice)";
         state.SkipWithError(error.c_str());
       } else {
@@ -92,11 +88,7 @@ void pool_benchmark(benchmark::State& state, std::size_t k) {
 
 template <PoolAdapter P>
 void pool_memory(benchmark::State& state) {
-  if (const std::string& err = pool_checked<P>(); !err.empty()) {
-    static std::string error;  // outlives the run for the library's report
-    error = "self-check failed: " + err;
-    state.SkipWithError(error.c_str());
-  }
+  skip_unchecked(state, pool_checked<P>());
   for (auto _ : state) {
     const AllocStats a0 = thread_alloc_stats();
     auto pool = std::make_unique<P>(kPoolBlocks);

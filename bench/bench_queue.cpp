@@ -86,11 +86,7 @@ template <SchedulerAdapter Q>
 void queue_memory(benchmark::State& state) {
   constexpr std::size_t kCap = kPairCapacity;
   const double cap = static_cast<double>(kCap);
-  if (const std::string& err = checked<Q>(); !err.empty()) {
-    static std::string error;  // outlives the run for the library's report
-    error = "self-check failed: " + err;
-    state.SkipWithError(error.c_str());
-  }
+  skip_unchecked(state, checked<Q>());
   for (auto _ : state) {
     const AllocStats a0 = thread_alloc_stats();
     auto q = std::make_unique<Q>(kCap);

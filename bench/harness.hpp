@@ -322,6 +322,16 @@ inline std::uint64_t fingerprint(const sched::ScheduledTask& t) noexcept {
 // ---------------------------------------------------------------------------
 // Reporting (thread 0, after the run).
 
+/// Skips a one-thread benchmark whose peer failed its self-check (`err` not
+/// empty), so that it reports the error and no figures. Returns whether it did.
+inline bool skip_unchecked(benchmark::State& state, const std::string& err) {
+  if (err.empty()) return false;
+  static std::string error;  // outlives the run for the library's report
+  error = "self-check failed: " + err;
+  state.SkipWithError(error.c_str());
+  return true;
+}
+
 /// min/max of ops within each role, the smallest over the roles that have two
 /// threads or more; nullopt when none has (one thread is always "fair", and
 /// the report shows "-" rather than a perfect score that measured nothing).

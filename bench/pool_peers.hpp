@@ -263,6 +263,17 @@ std::string pool_self_check() {
   return {};
 }
 
+/// Releases the pool refused (the trace of a block held twice); 0 for a peer
+/// that does not count them.
+template <PoolAdapter P>
+std::size_t rejected_releases(const P& pool) {
+  if constexpr (requires { pool.rejected_releases(); }) {
+    return pool.rejected_releases();
+  } else {
+    return 0;
+  }
+}
+
 template <PoolAdapter P>
 const std::string& pool_checked() {
   static const std::string result = pool_self_check<P>();

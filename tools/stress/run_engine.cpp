@@ -598,12 +598,7 @@ class EngineRun {
     std::erase_if(waiting_model_, [&](TaskId id) { return loop_[idx(id)].state != State::kNone || cancel_seen(id); });
     if (plan.preempted.empty()) return;
     int top_stalled = -1;  // the highest priority of a task short of blocks when the step began
-    for (const TaskId id : running_ids_) {
-      if (loop_[idx(id)].stalled) top_stalled = std::max(top_stalled, static_cast<int>(level_of(id)));
-    }
-    for (const TaskId id : paused_ids_) {
-      if (loop_[idx(id)].stalled) top_stalled = std::max(top_stalled, static_cast<int>(level_of(id)));
-    }
+    for (const Short& sh : short_before_) top_stalled = std::max(top_stalled, static_cast<int>(level_of(sh.id)));
     int top_served = -1;  // the highest priority admitted or resumed by the step
     for (const auto& ad : plan.admitted) top_served = std::max(top_served, static_cast<int>(level_of(ad.task.id)));
     for (const auto& rs : plan.resumed) top_served = std::max(top_served, static_cast<int>(level_of(rs.task.id)));
