@@ -1646,7 +1646,16 @@ Coverage run_model_check(std::uint64_t seed, std::uint64_t ops) {
       REQUIRE(summarize(p) == want);
       ledger.apply(e, p, m);
     } else if (roll < 80) {
-      if (auto run = running_id()) {
+      if (rng() % 6 == 0) {
+        // Every running task at once crosses a block boundary: the next step
+        // grows several of them, which is where growth meets growth (a task
+        // grown by the step is no later growth's victim).
+        std::vector<TaskId> all;
+        for (const auto& [id, x] : m.tasks()) {
+          if (x.st == Model::St::kRunning) all.push_back(id);
+        }
+        for (const TaskId id : all) REQUIRE(e.append_tokens(id, c.block_size) == m.append(id, c.block_size));
+      } else if (auto run = running_id()) {
         const std::size_t n = rng() % 8 == 0 ? rng() % (4 * c.block_size + 1) : 1 + rng() % 3;
         REQUIRE(e.append_tokens(*run, n) == m.append(*run, n));
       } else {
@@ -1705,6 +1714,7 @@ TEST_CASE("100,000 random operations match the reference model and keep every in
   CHECK(cov.swap_resumes > 0);
   CHECK(cov.recompute_resumes > 0);
   CHECK(cov.stalls > 0);
+  CHECK(cov.grown_spared > 0);
   CHECK(cov.over_pool > 0);
   CHECK(cov.alone > 0);
   CHECK(cov.budget_stops > 0);
