@@ -4,7 +4,7 @@
 //
 //   --threads=1,2,4,8     thread counts (env TGI_BENCH_THREADS); default: powers
 //                         of two from 1 to max(2 x hardware threads, 8), plus
-//                         the hardware thread count itself
+//                         the hardware thread count and twice it
 //   --duration_ms=100     length of one fixed-duration run (env TGI_BENCH_DURATION_MS)
 //   --no_latency          skip the timed (".lat") flavour
 #include <chrono>

@@ -428,7 +428,10 @@ def goals(res: Results, hw: int) -> list[list[str]]:
         # One thread: CPU time per pair on both sides, as bench/README.md says.
         a = med(w, PROJECT, "tput", 1, "cpu_ns_per_item")
         b = med(w, "atomic_queue1", "tput", 1, "cpu_ns_per_item")
-        out.append([f"pair, empty, capacity {cap}, 1 thread: >= 1/3 of atomic_queue1's throughput (CPU time)",
+        # Below its ring's minimum size (4,096) atomic_queue1 gets the shared
+        # capacity counter too (bench/README.md), so it is a slower bound there.
+        counted = " (atomic_queue1 with the capacity counter here)" if w == "pair.d0.c1024" else ""
+        out.append([f"pair, empty, capacity {cap}, 1 thread: >= 1/3 of atomic_queue1's throughput (CPU time){counted}",
                     fmt_ratio(b, a), gated(w, 1, verdict(*res.compare(w, PROJECT, "atomic_queue1", 1, 1 / 3, cpu=True)))])
     # 2. depth 10,000 vs seed
     figs, ok, unsettled = [], None, 0

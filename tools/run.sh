@@ -3,7 +3,8 @@
 # simulator (Release, in build/), replays the bundled trace under the four
 # policies, prints the comparison table and writes the chart under out/sim/.
 # Arguments are passed to sched-sim, e.g.
-#   tools/run.sh --trace ../shared/traces/azure-llm-2023-conv.csv --rate-scale 2
+#   tools/run.sh --trace AzureLLMInferenceTrace_conv.csv --rate-scale 2
+# (the Azure LLM inference trace, not bundled: docs/simulator.md).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/tools/install-deps.sh"

@@ -3,6 +3,8 @@
 // The umbrella header: include this one. Components:
 //   scheduling/task.hpp        Priority, TaskId, ScheduledTask, SchedulerConfig, ScheduleError
 //   scheduling/scheduler.hpp   Scheduler: the lock-free priority queue of waiting tasks
+//   scheduling/block_pool.hpp  BlockPool, BlockAllocator: the KV-cache block pool and block tables
+//   scheduling/engine.hpp      Engine: the serving-loop step (admission, preemption, resumption)
 #pragma once
 
 #include <tgi_gtc/scheduling/task.hpp>

@@ -17,7 +17,7 @@
 //
 // The design (an atomic bitmap after Linux's lib/sbitmap.c, a free-block
 // counter for exact all-or-nothing batches, per-block reference counts) is
-// documented in engine/block_pool.cpp and the README section "Block pool".
+// documented in engine/block_pool.cpp and the README section "KV-cache block pool".
 #pragma once
 
 #include <atomic>

@@ -1,5 +1,7 @@
 // Scheduler: a bounded, linearizable, lock-free priority queue of tasks with
-// O(1) cancellation by id. (One answer is not linearizable: QueueFull, which
+// cancellation by id through a hash index: a probe of a short range of
+// buckets, never a scan of the queue (the range widens slowly over a
+// process's life, see README "Design"). (One answer is not linearizable: QueueFull, which
 // counts schedule() calls in flight; see README "Guarantees".)
 //
 // Thread safety: every member function may be called from any number of
