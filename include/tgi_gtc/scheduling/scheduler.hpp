@@ -1,8 +1,9 @@
 // Scheduler: a bounded, linearizable, lock-free priority queue of tasks with
 // cancellation by id through a hash index: a probe of a short range of
 // buckets, never a scan of the queue (the range widens slowly over a
-// process's life, see README "Design"). (One answer is not linearizable: QueueFull, which
-// counts schedule() calls in flight; see README "Guarantees".)
+// process's life, see README "Design"). (One answer is not linearizable:
+// QueueFull, which counts schedule() calls in flight; see README
+// "Guarantees".)
 //
 // Thread safety: every member function may be called from any number of
 // threads at once, with any other member function, except construction and
