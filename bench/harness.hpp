@@ -323,13 +323,12 @@ inline std::uint64_t fingerprint(const sched::ScheduledTask& t) noexcept {
 // Reporting (thread 0, after the run).
 
 /// Skips a one-thread benchmark whose peer failed its self-check (`err` not
-/// empty), so that it reports the error and no figures. Returns whether it did.
-inline bool skip_unchecked(benchmark::State& state, const std::string& err) {
-  if (err.empty()) return false;
+/// empty), so that it reports the error and no figures.
+inline void skip_unchecked(benchmark::State& state, const std::string& err) {
+  if (err.empty()) return;
   static std::string error;  // outlives the run for the library's report
   error = "self-check failed: " + err;
   state.SkipWithError(error.c_str());
-  return true;
 }
 
 /// min/max of ops within each role, the smallest over the roles that have two
