@@ -22,11 +22,17 @@ namespace detail {
 // or order producers around them. And when a producer's cell still holds an
 // earlier lap's task and head has not passed that task's ticket, with the
 // producer's ticket, just before it reads the task's state: a stall there
-// lets the task be taken and its bucket reused under the read.
+// lets the task be taken and its bucket reused under the read. And after a
+// publish, with the ticket, before the state re-check. With g_hide_ticket_note
+// set, producers do not note their tickets (see publish()), as if cancel()
+// read the note before those stores became visible: it must then find the
+// cell by scanning.
 void (*g_before_ticket_hook)(std::uint64_t unused) = nullptr;
 void (*g_after_ticket_hook)(std::uint64_t ticket) = nullptr;
 void (*g_take_pass_hook)(std::uint64_t head) = nullptr;
 void (*g_lapped_cell_hook)(std::uint64_t ticket) = nullptr;
+void (*g_published_hook)(std::uint64_t ticket) = nullptr;
+std::atomic<bool> g_hide_ticket_note{false};
 // Each reads its pointer once: a test may clear it while another thread
 // passes the hook.
 #define TGI_GTC_BEFORE_TICKET() \
@@ -37,11 +43,16 @@ void (*g_lapped_cell_hook)(std::uint64_t ticket) = nullptr;
   if (auto* hook_ = g_take_pass_hook) hook_(h)
 #define TGI_GTC_LAPPED_CELL(t) \
   if (auto* hook_ = g_lapped_cell_hook) hook_(t)
+#define TGI_GTC_PUBLISHED(t) \
+  if (auto* hook_ = g_published_hook) hook_(t)
+#define TGI_GTC_NOTE_HIDDEN() g_hide_ticket_note.load()
 #else
 #define TGI_GTC_BEFORE_TICKET()
 #define TGI_GTC_AFTER_TICKET(t)
 #define TGI_GTC_TAKE_PASS(h)
 #define TGI_GTC_LAPPED_CELL(t)
+#define TGI_GTC_PUBLISHED(t)
+#define TGI_GTC_NOTE_HIDDEN() false
 #endif
 
 namespace {
@@ -64,8 +75,6 @@ constexpr std::uint64_t filling_state(std::uint64_t gen, std::uint64_t fp, const
 constexpr unsigned kSlotBits = 26;
 constexpr std::uint64_t kSlotMask = (std::uint64_t{1} << kSlotBits) - 1;
 constexpr std::uint64_t kOcc = std::uint64_t{1} << kSlotBits;
-// Bucket::ticket of an occupant that has taken no ticket yet.
-constexpr std::uint64_t kNoTicket = UINT64_MAX;
 constexpr unsigned kRoundShift = kSlotBits + 1;
 constexpr std::uint64_t kRoundMask = (std::uint64_t{1} << (64 - kRoundShift)) - 1;
 constexpr std::uint64_t cell_round(std::uint64_t w) { return w >> kRoundShift; }
@@ -260,10 +269,6 @@ std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
     // our task get them through the release store of QUEUED in schedule().
     bucket.id.store(task.id, std::memory_order::release);
     bucket.tokens.store(task.estimated_tokens, std::memory_order::release);
-    // relaxed: published the same way. Not the previous occupant's ticket: a
-    // cancel() between our QUEUED and our first ticket would clear that
-    // occupant's stale cell and free this bucket while we publish it.
-    bucket.ticket.store(kNoTicket, std::memory_order::relaxed);
     std::uint32_t r = reach.load();
     while (r < d + 1 && !reach.compare_exchange_weak(r, static_cast<std::uint32_t>(d + 1))) {
     }
@@ -316,14 +321,16 @@ std::size_t SchedulerCore::ring_of(Priority p) const noexcept {
 
 bool SchedulerCore::is_published(std::uint32_t b, std::uint64_t state) const noexcept {
   const Ring& ring = rings_[ring_of(static_cast<Priority>((state >> kPrioShift) & 3))];
+  // The note is this occupant's or a later one's: the caller's load of QUEUED
+  // read the store that published its first note (schedule()). If the task
+  // is published, it is at the ticket noted last; an older note answers no.
   const std::uint64_t t = table_[b].ticket.load();
-  if (t == kNoTicket) return false;  // no ticket yet
-  // The cell holds bucket b at ticket t. An earlier occupant's publish there
+  // The cell holds bucket b at ticket t: an earlier occupant's publish there
   // would have been cleared before its bucket was freed (cancelled) or passed
   // by head (taken, I3), and cell words never repeat (I2): with head not past
   // t afterwards, it is the current occupant's, published while QUEUED if the
-  // state is still the same word (generations never repeat). A stale ticket
-  // read answers no, which only makes the caller wait and look again.
+  // state is still the same word (generations never repeat). A stale note
+  // answers no, which only makes the caller wait and look again.
   if (ring.cells[t & ring.mask].load() != occ_cell(t >> ring.shift, b)) return false;
   if (ring.head.load() > t) return false;
   return table_[b].state.load() == state;
@@ -339,11 +346,28 @@ std::error_code SchedulerCore::schedule(const ScheduledTask& task) noexcept {
     unreserve();
     return b == kDuplicate ? ScheduleError::DuplicateId : ScheduleError::QueueFull;
   }
+  Ring& ring = rings_[ring_of(task.priority)];
+  Bucket& bucket = table_[b];
+  // The ticket note: a lower bound of every ticket this call may publish at,
+  // and above every ticket a previous occupant of the bucket published at.
+  // The ring's tail until the first ticket (a later fetch_add on tail reads
+  // this value or a later one), then each ticket taken, noted before its
+  // publish (publish()). A cancel() reads it and scans the cells from there
+  // (I8).
+  // relaxed (the tail load): by coherence alone it bounds our tickets, and it
+  // is above a previous occupant's tickets: that occupant's fetch_add
+  // happened before its cell was read by whoever freed the bucket, whose
+  // release store of FREE our claim CAS read.
+  // release (the store): pairs with the seq_cst note loads in
+  // clear_cancelled() and is_published(), so that a reader of the bucket's
+  // previous occupant that reads this note sees our claim in its state
+  // re-check; QUEUED readers get it through the QUEUED store below.
+  bucket.ticket.store(ring.tail.load(std::memory_order::relaxed), std::memory_order::release);
   // From here cancel(id) can claim the task, even before it is published.
-  // (Q1) release: publishes id and tokens to whoever loads QUEUED.
-  const std::uint64_t queued = with_st(table_[b].state.load(std::memory_order::relaxed), kQueued);  // relaxed: our own write
-  table_[b].state.store(queued, std::memory_order::release);
-  publish(rings_[ring_of(task.priority)], b, queued);
+  // (Q1) release: publishes id, tokens and the note to whoever loads QUEUED.
+  const std::uint64_t queued = with_st(bucket.state.load(std::memory_order::relaxed), kQueued);  // relaxed: our own write
+  bucket.state.store(queued, std::memory_order::release);
+  publish(ring, b, queued);
   return {};
 }
 
@@ -359,7 +383,10 @@ void SchedulerCore::publish(Ring& ring, std::uint32_t b, std::uint64_t queued) n
     }
     TGI_GTC_BEFORE_TICKET();
     const std::uint64_t t = ring.tail.fetch_add(1);
-    bucket.ticket.store(t);
+    // The note (see schedule()): the bucket is ours until a publish succeeds
+    // (no cell holds it), so the store cannot land on a later occupant's.
+    // release: as the first note's.
+    if (!TGI_GTC_NOTE_HIDDEN()) bucket.ticket.store(t, std::memory_order::release);
     // One ticket in 8 fetches the cells 8 ahead, for the producers of the
     // next tickets: every line of the ring before its first use.
     if ((t & (kCellsPerLine - 1)) == 0) __builtin_prefetch(&ring.cells[(t + kCellsPerLine) & ring.mask], 1);
@@ -392,11 +419,12 @@ void SchedulerCore::publish(Ring& ring, std::uint32_t b, std::uint64_t queued) n
       published = cell.compare_exchange_weak(w, occ_cell(r, b));
     }
     if (!published) continue;  // take another ticket
-    // Published. If a cancel claimed the task meanwhile, it may have read an
-    // older ticket and missed this cell. Of this load and the canceller's
-    // ticket load after its claim, at least one sees the other's write (all
-    // seq_cst, the store-buffer argument), so one of us clears the tombstone
-    // and it never outlives the calls involved (I8).
+    TGI_GTC_PUBLISHED(t);
+    // If a cancel claimed the task meanwhile, it may have missed this cell:
+    // read it before our publish. Of our cell CAS then this state load, and
+    // its state CAS then cell loads, one sees the other's write (all seq_cst,
+    // the store-buffer argument), so one of us clears the tombstone and it
+    // never outlives the calls involved (I8).
     if (bucket.state.load() == cancelled) reclaim_cell(cell, occ_cell(r, b), empty_cell(r + 1));
     return;
   }
@@ -651,6 +679,53 @@ std::vector<ScheduledTask> SchedulerCore::clear() {
 // cancel
 // ---------------------------------------------------------------------------
 
+void SchedulerCore::clear_cancelled(Ring& ring, std::uint32_t b, std::uint64_t cancelled) noexcept {
+  // The note read is this task's or a later occupant's: the claim read the
+  // QUEUED store that published this task's first note. A later occupant's
+  // means this task's cell was cleared already (its bucket was freed);
+  // re-reading the state (a seq_cst load after the note's: a release note
+  // makes it see that occupant's claim) shows it, and nothing is done.
+  Bucket& bucket = table_[b];
+  const std::uint64_t from = bucket.ticket.load();
+  if (bucket.state.load() != cancelled) return;
+  // A cell that holds bucket b is this task's, unless it is a later
+  // occupant's publish (the bucket freed after the state load above): that
+  // publish comes after the occupant's claim, so the state, read again
+  // after the cell, shows it then. A previous occupant's cells never match:
+  // cleared when it was cancelled, below the note's bound when it was taken
+  // (a stale cell a lap or more back shows an older round than the tickets
+  // scanned, which the exact word below and published_from() reject).
+  const auto clear = [&](std::atomic<std::uint64_t>& cell, std::uint64_t w) noexcept {
+    if (bucket.state.load() == cancelled) reclaim_cell(cell, w, empty_cell(cell_round(w) + 1));
+  };
+  // Mostly the note is the ticket the task was published at: its cell first.
+  std::atomic<std::uint64_t>& noted = ring.cells[from & ring.mask];
+  if (const std::uint64_t w = occ_cell(from >> ring.shift, b); noted.load() == w) {
+    clear(noted, w);
+    return;
+  }
+  // Whoever clears the task's cell frees the bucket just after: if it is
+  // freed, there is nothing left to do (a race with the producer's own
+  // re-check, or a consumer that reached the tombstone).
+  if (bucket.state.load() != cancelled) return;
+  // Otherwise the task is published at a ticket in [from, tail) if at all
+  // (the note bounds its tickets; the tail read after our claim is past any
+  // ticket it was published at before our reads): scan those cells, the
+  // first lap of them (which covers them all, as in only_unpublished). If
+  // none holds it, every publish of it comes after our reads, so after our
+  // claim, and its producer's state load sees the claim. Mostly the scan is
+  // short: the producer is in flight, and the tickets past its own are those
+  // taken since.
+  const std::uint64_t to = ring.tail.load();
+  for (std::uint64_t x = from, end = lap_end(ring, from, to); x < end; ++x) {
+    std::atomic<std::uint64_t>& cell = ring.cells[x & ring.mask];
+    const std::uint64_t w = cell.load();
+    if (cell_bucket(w) != b || !published_from(w, x, to, ring.shift)) continue;
+    clear(cell, w);
+    return;
+  }
+}
+
 std::optional<ScheduledTask> SchedulerCore::cancel(TaskId id) noexcept {
   const IdHash hash = id_hash(id);
   const std::uint64_t home = home_of(hash.home);
@@ -666,27 +741,11 @@ restart:
     if (task.id != id) continue;
     std::uint64_t expected = st;
     if (!bucket.state.compare_exchange_strong(expected, with_st(st, kCancelled))) goto restart;
-    // Clear its cell, if it is published (see publish() for why the ticket is
-    // read after the claim). The ticket read is this task's: the claim read
-    // its QUEUED store, before which claim_bucket reset the field (kNoTicket:
-    // none taken yet, so nothing to clear here; its producer will see the
-    // claim), and re-reading the state afterwards shows the bucket was not
-    // freed and reused meanwhile. A tombstone left behind (its producer clears
-    // it) is also cleared by the consumer that reaches it or a producer
-    // lapping onto it.
+    // Clear its cell, if it is published. A tombstone left behind (its
+    // producer clears it) is also cleared by the consumer that reaches it or
+    // a producer lapping onto it.
     Ring& ring = rings_[ring_of(task.priority)];
-    const std::uint64_t cancelled = with_st(st, kCancelled);
-    for (std::uint64_t last = kNoTicket;;) {
-      const std::uint64_t t = bucket.ticket.load();
-      if (t == kNoTicket || t == last || bucket.state.load() != cancelled) break;
-      last = t;
-      const std::uint64_t r = t >> ring.shift;
-      std::atomic<std::uint64_t>& cell = ring.cells[t & ring.mask];
-      if (cell.load() == occ_cell(r, b)) {
-        reclaim_cell(cell, occ_cell(r, b), empty_cell(r + 1));
-        break;
-      }
-    }
+    clear_cancelled(ring, b, with_st(st, kCancelled));
     // Only consumers move head otherwise: with schedule() and cancel() alone
     // it would stay put while tail grows, and the next next() would have all
     // the cancelled tickets to pass.

@@ -21,8 +21,11 @@
 //                  st: FREE, FILLING, QUEUED, TAKEN, CANCELLED
 //                  fp: 20 more bits of the id's hash
 //        id, tokens                written while FILLING
-//        ticket                    ring position of the current publish try;
-//                                  reset to none (kNoTicket) while FILLING
+//        ticket                    the note: the ring's tail read while
+//                                  FILLING, then each ticket taken, stored
+//                                  before its publish try; a lower bound of
+//                                  the task's tickets, above every ticket an
+//                                  earlier occupant published at (I8)
 //   reach_[h] = how many buckets from h an entry whose home is h may sit in.
 //   It only grows (shrinking it would race with claims in flight), so a
 //   schedule() or cancel() scans the widest range any id of that home ever
@@ -89,8 +92,8 @@
 //                                           0 unless head lags a lap behind)
 //   OCC(r, x)  -> EMPTY(r+1)      canceller x CANCELLED: its canceller clears it
 //                                 producer  (or its producer, if the canceller
-//                                 consumer  read an older ticket), or the
-//                                           consumer reaching it: free x
+//                                 consumer  read the cell before the publish),
+//                                           or the consumer reaching it: free x
 //   OCC(r', x) (r' older)         producer  x QUEUED or TAKEN and its ticket
 //                                           not below head: abandon the ticket
 //
@@ -152,10 +155,16 @@
 //       pair with, so a reader that read a later occupant's field also sees
 //       that occupant's claim in its re-check.
 //   I8. A cancelled task's cell is cleared before its cancel() or its
-//       schedule() returns (the canceller reads the ticket after its claim, the
-//       producer re-reads the state after its publish: one of them sees the
-//       other; the ticket read is this task's or none, never a previous
-//       occupant's, as claim_bucket resets it while FILLING). So buckets in
+//       schedule() returns. The producer re-reads the state after its publish
+//       CAS; the canceller, after its claim CAS, reads the note (this task's
+//       or a later occupant's, never a previous one's: its claim read QUEUED,
+//       stored after the first note; a later occupant's shows in the state
+//       re-check), the cell it names, and if that is not the task's, tail and
+//       the first lap of cells [note, tail). All seq_cst: of [publish CAS;
+//       state load] and [claim CAS; tail load; cell loads], one sees the
+//       other (the store-buffer argument): the producer sees the claim, or
+//       the canceller's tail is past the ticket and its scan reads the
+//       publish (the note bounds every ticket from below). So buckets in
 //       use <= queued tasks + calls in flight, and M = 2(N + 65) keeps the
 //       table about half full at most, whatever the cancel pattern, unless
 //       N + 131 or more calls are stalled holding buckets (a stalled
@@ -204,9 +213,10 @@
 //              stalled case of I8 the table, not the count, is full: a
 //              documented exception, len() may be below the bound then.)
 // Ring, cell and state operations are seq_cst so that these points fall in one
-// total order (on x86-64 only the ticket store costs more than acquire/release
-// would: it must be ordered before the post-publish re-check, see I8); the
-// weaker ones are commented where they occur.
+// total order; the weaker ones are commented where they occur. (The ticket
+// note is a release store, a plain one on x86-64: before it had to be
+// seq_cst, a locked instruction, and ordered before the post-publish
+// re-check; the scan of cells in I8 replaced that ordering.)
 #pragma once
 
 #include <atomic>
@@ -285,6 +295,9 @@ class SchedulerCore {
   /// the next takes will read.
   void prefetch_ahead(const Ring& ring, std::uint64_t h, std::uint64_t t) const noexcept;
   void free_bucket(std::uint32_t b, std::uint64_t state) noexcept;
+  /// After cancel() claimed bucket `b` (now the CANCELLED `cancelled`) in
+  /// `ring`: clears the task's cell if it is published (I8).
+  void clear_cancelled(Ring& ring, std::uint32_t b, std::uint64_t cancelled) noexcept;
 
   std::size_t ring_of(Priority p) const noexcept;
   /// Whether the task in bucket `b`, whose state word is the QUEUED `state`,

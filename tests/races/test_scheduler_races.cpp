@@ -21,6 +21,8 @@ extern void (*g_before_ticket_hook)(std::uint64_t unused);
 extern void (*g_after_ticket_hook)(std::uint64_t ticket);
 extern void (*g_take_pass_hook)(std::uint64_t head);
 extern void (*g_lapped_cell_hook)(std::uint64_t ticket);
+extern void (*g_published_hook)(std::uint64_t ticket);
+extern std::atomic<bool> g_hide_ticket_note;
 }
 
 using namespace tgi_gtc::scheduling;
@@ -413,6 +415,129 @@ TEST_CASE("schedule() reports QueueFull, instead of spinning, when stalled produ
   CHECK(s.len() == 0);
   CHECK_FALSE(s.schedule(ScheduledTask(1, 10)));  // the buckets are free again
   CHECK(next_task(s) == 1);
+}
+
+namespace {
+// Stalls, just after its publish, every producer whose thread set `marked`,
+// until released; waits in the kernel, as StallAll. The destructor releases
+// and joins them, and removes the hook, however the test ends.
+struct StallMarked {
+  static inline thread_local bool marked = false;
+  static inline std::atomic<int> held{0};
+  static inline std::atomic<bool> go{false};
+  static void hook(std::uint64_t) {
+    if (!marked) return;
+    held.fetch_add(1);
+    go.wait(false);
+  }
+  std::vector<std::thread> threads;
+  StallMarked() {
+    held = 0;
+    go = false;
+    detail::g_published_hook = &hook;
+  }
+  StallMarked(const StallMarked&) = delete;
+  StallMarked& operator=(const StallMarked&) = delete;
+  ~StallMarked() {
+    detail::g_published_hook = nullptr;
+    detail::g_hide_ticket_note = false;
+    go = true;
+    go.notify_all();
+    for (auto& t : threads) t.join();
+  }
+  // Fails the run in 30 s, with the reason, if fewer than n ever stall.
+  static void wait_held(int n) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (held.load() < n) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        std::fprintf(stderr, "FAILED: a producer never reached the publish hook\n");
+        std::_Exit(1);
+      }
+      std::this_thread::yield();
+    }
+  }
+};
+}  // namespace
+
+TEST_CASE("cancel finds a published task's cell by scanning from an older ticket note") {
+  // The bucket's note of the ring ticket is a release store, so a canceller
+  // may read an older value, down to the ring's tail from before the task
+  // took a ticket; it must scan the cells from there. Here producer A reads
+  // that tail and stalls before its ticket; B takes the next ticket and
+  // publishes; A then takes the one after it without noting it
+  // (g_hide_ticket_note: the older note stays), publishes, and stalls for the
+  // rest of the test. Cancelling A must clear its cell, one past the note, and
+  // free its bucket; B is cancelled too, so no consumer ever reaches A's cell.
+  // A cancel that looked only at the noted cell would leave every A's bucket
+  // held: a queue of two has 134 buckets, and three rings of 128 cells (the
+  // producers rotate over Low, Normal and High), so no lapping producer
+  // reclaims the tombstones before the table is full and schedule() reports
+  // QueueFull.
+  Scheduler s(SchedulerConfig::with_max_queue(2));
+  constexpr int kRounds = 180;
+  bool all_scheduled = true;
+  {
+    StallMarked stalled;
+    for (int round = 0; round < kRounds && all_scheduled; ++round) {
+      const auto p = static_cast<Priority>(round % 3);
+      const auto a_id = static_cast<TaskId>(1000 + 2 * round), b_id = a_id + 1;
+      {
+        Stall before(/*before=*/true);
+        stalled.threads.emplace_back([&s, a_id, p] {
+          StallMarked::marked = true;
+          REQUIRE_FALSE(s.schedule(ScheduledTask(a_id, 10).with_priority(p)));
+        });
+        before.wait_held();
+        const std::error_code b_result = s.schedule(ScheduledTask(b_id, 10).with_priority(p));
+        CHECK_FALSE(b_result);
+        if (b_result) all_scheduled = false;
+        detail::g_hide_ticket_note = all_scheduled;
+        before.release();
+        StallMarked::wait_held(round + 1);  // A passed the hook and published
+        detail::g_hide_ticket_note = false;
+      }
+      CHECK(s.cancel(a_id));
+      if (all_scheduled) CHECK(s.cancel(b_id));
+      CHECK(s.len() == 0);
+    }
+  }  // releases and joins the stalled producers
+  CHECK(all_scheduled);
+  CHECK(s.len() == 0);
+  REQUIRE_FALSE(s.schedule(ScheduledTask(1, 10)));
+  CHECK(next_task(s) == 1);
+  CHECK_FALSE(s.next());
+}
+
+TEST_CASE("cancel does not take a previous occupant's stale cell, a lap back, for its task's") {
+  // Task 1 is taken at ticket 0; its cell keeps OCC(0, b) (head passed it).
+  // 127 more pairs bring the ticket to 128, the same cell a lap later. Task 1
+  // again reuses bucket b and stalls after taking ticket 128 (its note), not
+  // yet published; cancel(1) reads that cell, which holds bucket b at round
+  // 0, not 1. Taking it for the task's would free the bucket while its
+  // producer goes on to publish it; the next task to claim the bucket would
+  // then come out from that cell, ahead of a task scheduled before it.
+  Scheduler s(SchedulerConfig{.max_queue_size = 8, .priority_scheduling = false});
+  REQUIRE_FALSE(s.schedule(ScheduledTask(1, 10)));
+  REQUIRE(next_task(s) == 1);
+  for (TaskId id = 100; id < 100 + 127; ++id) {
+    REQUIRE_FALSE(s.schedule(ScheduledTask(id, 10)));
+    REQUIRE(next_task(s) == id);
+  }
+  {
+    Stall stall;
+    std::thread a([&] { REQUIRE_FALSE(s.schedule(ScheduledTask(1, 10))); });
+    stall.wait_held();
+    CHECK(Stall::held_at.load() == 128);
+    REQUIRE(s.cancel(1));
+    REQUIRE_FALSE(s.schedule(ScheduledTask(5, 10)));
+    REQUIRE_FALSE(s.schedule(ScheduledTask(1, 10)));  // bucket b again, if the cancel freed it
+    stall.release();
+    a.join();
+  }
+  CHECK(next_task(s) == 5);  // FIFO: 5 was scheduled first
+  CHECK(next_task(s) == 1);
+  CHECK_FALSE(s.next());
+  CHECK(s.len() == 0);
 }
 
 TEST_CASE("schedule and cancel without next keep head at tail, so the next next() passes over nothing") {

@@ -1,7 +1,9 @@
 // Scheduler: a bounded, linearizable, lock-free priority queue of tasks with
 // cancellation by id through a hash index: a probe of a short range of
 // buckets, never a scan of the queue (the range widens slowly over a
-// process's life, see README "Design"). (One answer is not linearizable:
+// process's life; a cancel that races its task's schedule() also reads the
+// ring cells of the tickets taken since that one's; see README "Design").
+// (One answer is not linearizable:
 // QueueFull, which counts schedule() calls in flight; see README
 // "Guarantees".)
 //
