@@ -2276,6 +2276,272 @@ TEST_SUITE("stress") {
     CHECK(accepted == ended);  // each accepted submission ran and finished once
     CHECK(e.stats().device_free_blocks == c.device_blocks);
   }
+
+  // Ids reused under load. Each producer owns a few ids and cycles each one
+  // through submit, cancel, submit... while the loop steps and grows the
+  // running tasks (preempting and stalling them). The loop never finishes a
+  // task, so only its producer's cancel ends one, and each producer's calls on
+  // an id are sequential: whatever the loop and the other producer do, a
+  // cancel of a task its producer saw accepted must return true; a submit of
+  // an id whose task lives must be refused; DuplicateId for an id whose last
+  // task was cancelled at least one whole step ago, or never accepted, is
+  // wrong (the id leaves the engine's live set by the next step); and the loop
+  // never sees two tasks with one id, nor a task that was not submitted since
+  // its id's last admission.
+  TEST_CASE("producers cancelling and re-submitting their own ids while the loop steps: cancel finds every live task, "
+            "DuplicateId is exact, no two tasks share an id") {
+    const std::uint64_t seed = tgi_test::seed();
+    const std::uint64_t iters = tgi_test::iterations(50000);
+    MESSAGE("seed = " << seed << ", operations per producer = " << iters);
+    constexpr int kProducers = 2;
+    constexpr TaskId kIdsEach = 10;
+    constexpr TaskId kIds = kProducers * kIdsEach;  // producer t owns t + 1, t + 1 + kProducers, ...
+    constexpr std::size_t kMaxTokens = 48;         // the loop's appends stop here
+    EngineConfig c;
+    c.device_blocks = 40;
+    c.host_blocks = 12;
+    c.block_size = 4;
+    c.max_running = 6;
+    c.max_step_tokens = 40;
+    c.scheduler.max_queue_size = 8;
+    Engine e(c);
+
+    // The fields of the a-th submit of an id are a function of (id, a), so the
+    // loop can tell which submit an admitted task came from.
+    const auto fields = [](TaskId id, std::uint64_t a) {
+      std::uint64_t h = id * 0x9E3779B97F4A7C15ULL ^ (a + 1) * 0xC2B2AE3D27D4EB4FULL;
+      h ^= h >> 31;
+      h *= 0xBF58476D1CE4E5B9ULL;
+      h ^= h >> 29;
+      return task(id, 1 + h % 24, static_cast<Priority>((h >> 8) % 4), (h >> 12) % 4 != 0);
+    };
+    struct Shared {                              // written by the id's producer, read by the loop
+      std::atomic<std::uint64_t> attempts{0};    // submits begun (the next one's index)
+      std::atomic<std::uint64_t> cancel_mark{0};  // 1 + index of the submit whose task a cancel began for
+    };
+    struct Own {  // the producer's view of its id
+      bool live = false;           // its last accepted task was not cancelled yet
+      bool cancelled = false;      // some cancel of it returned true
+      std::uint64_t attempt = 0;   // index of the submit of the live (or last) task
+      std::uint64_t cancel_step = 0;  // steps done when that cancel returned
+    };
+    struct Tally {
+      std::uint64_t accepted = 0, cancelled = 0, duplicate = 0, queue_full = 0, late_true = 0;
+      std::vector<std::string> errors;
+    };
+    std::vector<Shared> shared(kIds + 1);
+    std::vector<Own> own(kIds + 1);  // entry id is touched only by its producer, then by the loop after join
+    std::vector<Tally> tally(kProducers);
+    std::atomic<std::uint64_t> steps_done{0};
+    std::atomic<int> producers_done{0};
+    Pacer pacer(kProducers);
+    std::barrier start(kProducers + 1);
+    std::vector<std::thread> producers;
+    std::atomic<bool> stop{false};
+    Joiner joiner(producers, stop);
+    for (int t = 0; t < kProducers; ++t) {
+      producers.emplace_back([&, t] {
+        std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ULL + static_cast<std::uint64_t>(t) + 7);
+        Tally& me = tally[static_cast<std::size_t>(t)];
+        const auto error = [&](const std::string& what, TaskId id) {
+          if (me.errors.size() < 8) me.errors.push_back("id " + std::to_string(id) + ": " + what);
+        };
+        start.arrive_and_wait();
+        for (std::uint64_t i = 0; i < iters && !stop.load(); ++i) {
+          pacer.producer_at(t, i, stop);
+          const TaskId id = static_cast<TaskId>(t) + 1 + kProducers * (rng() % kIdsEach);
+          Own& o = own[id];
+          Shared& sh = shared[id];
+          // One whole step began after the last true cancel returned and has ended:
+          // the cancelled task has left the engine.
+          const bool settled = !o.cancelled || steps_done.load() >= o.cancel_step + 2;
+          const bool odd = rng() % 8 == 0;  // the call that must be refused
+          if (o.live != odd) {
+            // Cancel: of the live task (must be true), or of an id without one.
+            sh.cancel_mark.store(o.attempt + 1);
+            const bool found = e.cancel(id);
+            if (o.live && !found) {
+              error("cancel returned false for its live task (submit " + std::to_string(o.attempt) + ")", id);
+            } else if (o.live) {
+              o.live = false;
+              o.cancelled = true;
+              o.cancel_step = steps_done.load();
+              ++me.cancelled;
+            } else if (found && settled) {
+              error("cancel returned true with no task live, a whole step after the last one was cancelled", id);
+            } else if (found) {
+              ++me.late_true;  // the cancelled task was running: it stays so until the next step
+            }
+          } else {
+            const std::uint64_t a = sh.attempts.load();
+            sh.attempts.store(a + 1);  // before the call: the loop may admit the task before submit returns
+            const std::error_code ec = e.submit(fields(id, a));
+            if (!ec && o.live) {
+              error("a second task was accepted while submit " + std::to_string(o.attempt) + "'s lives", id);
+            } else if (!ec) {
+              o.live = true;
+              o.attempt = a;
+              ++me.accepted;
+            } else if (ec == ScheduleError::DuplicateId) {
+              if (!o.live && settled) error("DuplicateId with no task live, a whole step after the last one was cancelled", id);
+              me.duplicate += !o.live;
+            } else if (ec == ScheduleError::QueueFull) {
+              ++me.queue_full;
+            } else {
+              error("submit failed: " + ec.message(), id);
+            }
+          }
+          if (rng() % 16 == 0) std::this_thread::yield();
+        }
+        pacer.producer_done(t);
+        producers_done.fetch_add(1);
+      });
+    }
+
+    // The loop's model: every task it saw admitted and not yet gone.
+    struct Seen {
+      bool paused = false;
+      std::uint64_t attempt = 0;  // the submit it came from (the earliest one that matches)
+      std::size_t tokens = 0;
+    };
+    std::map<TaskId, Seen> seen;
+    std::vector<std::uint64_t> next_attempt(kIds + 1, 0);  // after the submit of the id's last admission
+    std::vector<TaskId> owner(c.device_blocks, 0);
+    std::uint64_t admissions = 0, preemptions = 0, vanished = 0, replaced = 0;
+    std::mt19937_64 rng(seed);
+    // Gone without a plan entry, or replaced by a new task of its id: only a
+    // cancel begun for its submit (or a later one) may have done that.
+    const auto cancel_begun = [&](TaskId id, const Seen& s) { return shared[id].cancel_mark.load() > s.attempt; };
+    const auto check_blocks = [&] {
+      std::fill(owner.begin(), owner.end(), 0);
+      std::size_t held = 0, running = 0;
+      for (const auto& entry : seen) {
+        if (entry.second.paused) continue;
+        ++running;
+        const TaskId id = entry.first;  // not a structured binding: Clang 14 cannot capture one (REQUIRE_MESSAGE)
+        for (BlockId b : e.block_table(id)) {
+          REQUIRE(b < c.device_blocks);
+          REQUIRE_MESSAGE(owner[b] == 0, "block " << b << " is in the tables of tasks " << owner[b] << " and " << id);
+          owner[b] = id;
+          ++held;
+        }
+      }
+      const EngineStats st = e.stats();
+      REQUIRE(held + st.device_free_blocks == c.device_blocks);
+      REQUIRE(st.running == running);
+      REQUIRE(st.running <= c.max_running);
+      REQUIRE(st.host_free_blocks <= c.host_blocks);
+    };
+    const auto one_step = [&] {
+      pacer.before_step();
+      const StepPlan& p = e.step();
+      steps_done.fetch_add(1);
+      pacer.stepped();
+      REQUIRE(each_task_once(p));
+      for (const Preemption& x : p.preempted) {
+        const auto it = seen.find(x.task.id);
+        REQUIRE_MESSAGE((it != seen.end() && !it->second.paused), "task " << x.task.id << " preempted while not running");
+        REQUIRE(x.task == fields(x.task.id, it->second.attempt));
+        it->second.paused = true;
+        ++preemptions;
+      }
+      for (const Resumption& r : p.resumed) {
+        const auto it = seen.find(r.task.id);
+        REQUIRE_MESSAGE((it != seen.end() && it->second.paused), "task " << r.task.id << " resumed while not paused");
+        REQUIRE(r.task == fields(r.task.id, it->second.attempt));
+        REQUIRE(r.blocks.size() == (it->second.tokens + c.block_size - 1) / c.block_size);
+        it->second.paused = false;
+      }
+      for (const Admission& a : p.admitted) {
+        const TaskId id = a.task.id;
+        REQUIRE(id >= 1);
+        REQUIRE(id <= kIds);
+        if (const auto it = seen.find(id); it != seen.end()) {
+          REQUIRE_MESSAGE(cancel_begun(id, it->second), "task " << id << " admitted while the task of submit "
+                                                                  << it->second.attempt << " with its id lives");
+          seen.erase(it);
+          ++replaced;
+        }
+        // Submits begun by now include the admitted one.
+        const std::uint64_t begun = shared[id].attempts.load();
+        std::uint64_t k = next_attempt[id];
+        while (k < begun && !(fields(id, k) == a.task)) ++k;
+        REQUIRE_MESSAGE(k < begun, "task " << id << " admitted with fields that no submit since its last admission had");
+        next_attempt[id] = k + 1;
+        REQUIRE(a.blocks.size() == (a.task.estimated_tokens + c.block_size - 1) / c.block_size);
+        seen[id] = Seen{false, k, a.task.estimated_tokens};
+        ++admissions;
+      }
+      // A running task cancelled from another thread is gone after the step.
+      for (auto it = seen.begin(); it != seen.end();) {
+        if (!it->second.paused && e.block_table(it->first).empty()) {
+          REQUIRE_MESSAGE(cancel_begun(it->first, it->second), "running task " << it->first << " lost its blocks uncancelled");
+          it = seen.erase(it);
+          ++vanished;
+        } else {
+          ++it;
+        }
+      }
+      // A paused one goes unseen: count how many may have.
+      std::size_t paused = 0, maybe_gone = 0;
+      for (const auto& [id, s] : seen) {
+        paused += s.paused;
+        maybe_gone += s.paused && cancel_begun(id, s);
+      }
+      const EngineStats st = e.stats();
+      REQUIRE(st.paused <= paused);
+      REQUIRE(st.paused + maybe_gone >= paused);
+      check_blocks();
+    };
+
+    start.arrive_and_wait();
+    while (producers_done.load() < kProducers) {
+      one_step();
+      // Grow the running tasks (decode), so steps preempt and stall them.
+      for (auto& [id, s] : seen) {
+        if (s.paused || s.tokens >= kMaxTokens || rng() % 3 != 0) continue;
+        const std::size_t n = 1 + rng() % 4;
+        (void)e.append_tokens(id, n);  // refused: recorded all the same, the next step grows it
+        s.tokens += n;
+      }
+      check_blocks();
+    }
+    joiner.join();
+
+    Tally sum;
+    for (const Tally& t : tally) {
+      for (const std::string& msg : t.errors) FAIL_CHECK(msg);
+      sum.accepted += t.accepted;
+      sum.cancelled += t.cancelled;
+      sum.duplicate += t.duplicate;
+      sum.queue_full += t.queue_full;
+      sum.late_true += t.late_true;
+    }
+    // Cancel what still lives (on the loop thread: at once); then every
+    // accepted task has ended by exactly one cancel that returned true.
+    for (TaskId id = 1; id <= kIds; ++id) {
+      if (!own[id].live) continue;
+      CHECK_MESSAGE(e.cancel(id), "the live task of id " << id << " was not found");
+      ++sum.cancelled;
+    }
+    (void)e.step();
+    MESSAGE("steps " << steps_done.load() << ", accepted " << sum.accepted << ", admissions " << admissions << " ("
+                     << replaced << " replacing a cancelled task of their id in the loop's view), preemptions "
+                     << preemptions << ", running tasks cancelled " << vanished << ", DuplicateId after a cancel "
+                     << sum.duplicate << ", second cancels true " << sum.late_true << ", QueueFull "
+                     << sum.queue_full);
+    CHECK(sum.accepted == sum.cancelled);
+    const EngineStats st = e.stats();
+    CHECK(st.waiting == 0);
+    CHECK(st.running == 0);
+    CHECK(st.paused == 0);
+    CHECK(st.device_free_blocks == c.device_blocks);
+    CHECK(st.host_free_blocks == c.host_blocks);
+    CHECK(e.scheduler().len() == 0);
+    // The run met the races it is for.
+    CHECK(preemptions > 0);
+    CHECK(replaced + vanished > 0);
+  }
 }
 
 }  // namespace
