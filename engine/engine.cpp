@@ -308,7 +308,11 @@ class EngineCore {
     if (slots_[s].post_cancel(stamp)) {
       // (B1) release RMW: pairs with the acquire exchange (B2) in step(); an
       // RMW (not a store) so that earlier posts stay in the release sequence.
-      cancel_bell_.exchange(true, std::memory_order::release);
+      // acq_rel, not release: LLVM before 16 rewrites a relaxed or release
+      // exchange whose result is unused into a plain store (llvm-project
+      // issue 60418), which would end that release sequence; Clang 14 did so
+      // here. The acquire half costs nothing on x86-64 (xchg either way).
+      cancel_bell_.exchange(true, std::memory_order::acq_rel);
     }
     return true;
   }
