@@ -2283,11 +2283,11 @@ TEST_SUITE("stress") {
   // task, so only its producer's cancel ends one, and each producer's calls on
   // an id are sequential: whatever the loop and the other producer do, a
   // cancel of a task its producer saw accepted must return true; a submit of
-  // an id whose task lives must be refused; DuplicateId for an id whose last
-  // task was cancelled at least one whole step ago, or never accepted, is
-  // wrong (the id leaves the engine's live set by the next step); and the loop
-  // never sees two tasks with one id, nor a task that was not submitted since
-  // its id's last admission.
+  // an id whose task lives must be refused; DuplicateId for an id never
+  // accepted, or whose last task's cancel returned before a step that has
+  // ended began, is wrong (the id leaves the engine's live set by the next
+  // step); and the loop never sees two tasks with one id, nor a task that was
+  // not submitted since its id's last admission.
   TEST_CASE("producers cancelling and re-submitting their own ids while the loop steps: cancel finds every live task, "
             "DuplicateId is exact, no two tasks share an id") {
     const std::uint64_t seed = tgi_test::seed();
@@ -2534,7 +2534,8 @@ TEST_SUITE("stress") {
       ++sum.cancelled;
     }
     (void)e.step();
-    MESSAGE("steps " << steps_done.load() << ", accepted " << sum.accepted << ", admissions " << admissions << " ("
+    MESSAGE("steps " << steps_done.load() << ", accepted " << sum.accepted << ", cancelled " << sum.cancelled
+                     << ", admissions " << admissions << " ("
                      << replaced << " replacing a cancelled task of their id in the loop's view), preemptions "
                      << preemptions << ", running tasks cancelled " << vanished << ", DuplicateId after a cancel "
                      << sum.duplicate << ", second cancels true " << sum.late_true << ", QueueFull "
