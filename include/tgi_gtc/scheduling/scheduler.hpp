@@ -3,9 +3,8 @@
 // buckets, never a scan of the queue (the range widens slowly over a
 // process's life; a cancel that races its task's schedule() also reads the
 // ring cells of the tickets taken since that one's; see README "Design").
-// (One answer is not linearizable:
-// QueueFull, which counts schedule() calls in flight; see README
-// "Guarantees".)
+// (One answer is not linearizable: QueueFull, which counts schedule() calls
+// in flight; see README "Guarantees".)
 //
 // Thread safety: every member function may be called from any number of
 // threads at once, with any other member function, except construction and
