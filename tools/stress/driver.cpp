@@ -25,6 +25,7 @@ constexpr TargetName kTargets[] = {
     {Target::BrokenDropping, "broken-dropping"},
     {Target::BrokenDuplicates, "broken-duplicates"},
     {Target::BrokenPool, "broken-pool"},
+    {Target::BrokenPoolOrder, "broken-pool-order"},
     {Target::BrokenEngine, "broken-engine"},
     {Target::BrokenEngineOrder, "broken-engine-order"},
 };
@@ -53,6 +54,7 @@ std::vector<Target> available_targets() {
   out.push_back(Target::BrokenDropping);
   out.push_back(Target::BrokenDuplicates);
   out.push_back(Target::BrokenPool);
+  out.push_back(Target::BrokenPoolOrder);
 #if TGI_STRESS_HAS_ENGINE
   out.push_back(Target::BrokenEngine);
   out.push_back(Target::BrokenEngineOrder);
@@ -69,6 +71,7 @@ Mix default_mix(Target t) {
       return {{"schedule", 40}, {"next", 30}, {"peek", 10}, {"cancel", 15}, {"clear", 1}};
     case Target::Pool:
     case Target::BrokenPool:
+    case Target::BrokenPoolOrder:
       return {{"allocate", 40}, {"share", 20}, {"release", 40}};
     case Target::Engine:
     case Target::BrokenEngine:
@@ -144,6 +147,7 @@ Report run(Config config) {
       break;
     case Target::Pool:
     case Target::BrokenPool:
+    case Target::BrokenPoolOrder:
       if (config.capacity == 0) config.capacity = 1024;
       r.config = config;
       detail::run_pool_target(config, r);

@@ -16,10 +16,26 @@
 //                  total - blocks held; blocks freed by release() == last
 //                  references dropped; invalid_releases() == 0;
 //   at the end     after every holder released: all counts 0, all blocks free.
+//
+// Memory order. Each block also has a plain (non-atomic) payload, its "KV
+// data": the owner that takes it from try_allocate writes it, and every holder
+// reads it before it shares or releases the block (and checks it: *payload*).
+// Nothing but the pool orders a holder's read before the next owner's write:
+// the pool must, through its release of the last reference and the next
+// claim, as its memory-order contract says. So the harness's own atomics
+// (owner tags, stamps) are relaxed: a seq_cst clock or tag around every call
+// would order each call before every later one and hide a pool that orders
+// nothing. The checks above need only each tag's own modification order. Under
+// ThreadSanitizer a missing order is reported as a data race on the payload
+// (the broken-pool-order target shows it); elsewhere x86-64 orders the
+// accesses anyway, and only the counts and the contents are checked.
 #include <array>
+#include <atomic>
+#include <bit>
 #include <limits>
 #include <span>
 #include <string>
+#include <vector>
 
 #include <tgi_gtc/scheduling/block_pool.hpp>
 
@@ -46,6 +62,22 @@ std::string at(std::uint64_t start, std::uint64_t end) {
   return " [" + std::to_string(start) + "," + std::to_string(end) + "]";
 }
 
+/// What the owner of `group` writes into block b's payload.
+std::uint64_t content(std::uint64_t group, BlockId b) { return group * 0x9E3779B97F4A7C15ULL + b; }
+
+/// The stamps of the pool run: tickets that name calls in reports. Unlike the
+/// scheduler runs' seq_cst clock they order no memory (see the top).
+class StampClock {
+ public:
+  // relaxed: a ticket only; pairs with nothing, so that only the pool orders blocks
+  std::uint64_t tick() noexcept { return now_.fetch_add(1, std::memory_order::relaxed) + 1; }
+  // relaxed: as tick()
+  std::uint64_t now() const noexcept { return now_.load(std::memory_order::relaxed); }
+
+ private:
+  alignas(64) std::atomic<std::uint64_t> now_{0};
+};
+
 /// Blocks held by one owner: an allocation or a share of one.
 struct Handle {
   std::array<BlockId, kMaxBatch> blocks{};
@@ -65,7 +97,8 @@ class OverReleasingPool {
   void retain(std::span<const BlockId> blocks) noexcept { pool_.retain(blocks); }
   [[nodiscard]] std::size_t release(std::span<const BlockId> blocks) noexcept {
     std::size_t n = 0;
-    if (!blocks.empty() && pool_.ref_count(blocks[0]) >= 2 && calls_.fetch_add(1) % every_ == every_ - 1) {
+    // relaxed: a count; it must not order releases (see the top)
+    if (!blocks.empty() && pool_.ref_count(blocks[0]) >= 2 && calls_.fetch_add(1, std::memory_order::relaxed) % every_ == every_ - 1) {
       n += pool_.release(blocks.first(1));
     }
     return n + pool_.release(blocks);
@@ -81,6 +114,72 @@ class OverReleasingPool {
   std::atomic<std::uint64_t> calls_{0};
 };
 
+/// A pool right in every count and wrong in every order: BlockPool's scheme
+/// (reserve from a free counter, claim bits by CAS, count references), but with
+/// every atomic relaxed, so nothing orders a block's last holders' accesses
+/// before its next owner's. The count checks pass it; under ThreadSanitizer
+/// the payload accesses race (x86-64 keeps them in order anyway, so only
+/// ThreadSanitizer can see the fault).
+class UnorderedPool {
+ public:
+  explicit UnorderedPool(std::uint32_t blocks) : blocks_(blocks), words_((blocks + 63) / 64), counts_(blocks), free_(blocks) {
+    // Bits past the last block are set for good. Construction: published by the thread start.
+    if (blocks % 64 != 0) words_.back().store(~std::uint64_t{0} << (blocks % 64), std::memory_order::relaxed);
+  }
+  [[nodiscard]] bool try_allocate(std::span<BlockId> out) noexcept {
+    const auto want = static_cast<std::uint32_t>(out.size());
+    // relaxed, on purpose, as every order of this pool: pairs with nothing (the fault)
+    std::uint32_t avail = free_.load(std::memory_order::relaxed);
+    do {
+      if (avail < want) return false;
+    } while (!free_.compare_exchange_weak(avail, avail - want, std::memory_order::relaxed));  // relaxed: the fault
+    std::size_t filled = 0;
+    for (std::size_t w = 0; filled < want; w = w + 1 == words_.size() ? 0 : w + 1) {
+      std::uint64_t cur = words_[w].load(std::memory_order::relaxed);  // relaxed: the fault
+      while (cur != ~std::uint64_t{0} && filled < want) {
+        const std::uint64_t bit = ~cur & (cur + 1);  // the lowest clear bit
+        if (words_[w].compare_exchange_weak(cur, cur | bit, std::memory_order::relaxed)) {  // relaxed: the fault
+          const auto id = static_cast<BlockId>(w * 64 + static_cast<std::size_t>(std::countr_zero(bit)));
+          counts_[id].store(1, std::memory_order::relaxed);  // relaxed: the fault
+          out[filled++] = id;
+          cur |= bit;
+        }
+      }
+    }
+    return true;
+  }
+  void retain(std::span<const BlockId> blocks) noexcept {
+    for (const BlockId id : blocks) {
+      std::uint32_t c = counts_[id].load(std::memory_order::relaxed);  // relaxed: the fault
+      while (c != 0 && !counts_[id].compare_exchange_weak(c, c + 1, std::memory_order::relaxed)) {  // relaxed: the fault
+      }
+    }
+  }
+  [[nodiscard]] std::size_t release(std::span<const BlockId> blocks) noexcept {
+    std::size_t freed = 0;
+    for (const BlockId id : blocks) {
+      std::uint32_t c = counts_[id].load(std::memory_order::relaxed);  // relaxed: the fault
+      while (c != 0 && !counts_[id].compare_exchange_weak(c, c - 1, std::memory_order::relaxed)) {  // relaxed: the fault
+      }
+      if (c != 1) continue;
+      words_[id / 64].fetch_and(~(std::uint64_t{1} << (id % 64)), std::memory_order::relaxed);  // relaxed: the fault
+      free_.fetch_add(1, std::memory_order::relaxed);                                             // relaxed: the fault
+      ++freed;
+    }
+    return freed;
+  }
+  std::size_t invalid_releases() const noexcept { return 0; }
+  std::uint32_t total_blocks() const noexcept { return blocks_; }
+  std::uint32_t free_blocks() const noexcept { return free_.load(std::memory_order::relaxed); }  // relaxed: a snapshot
+  std::uint32_t ref_count(BlockId b) const noexcept { return counts_[b].load(std::memory_order::relaxed); }  // relaxed: a snapshot
+
+ private:
+  std::uint32_t blocks_;
+  std::vector<std::atomic<std::uint64_t>> words_;
+  std::vector<std::atomic<std::uint32_t>> counts_;
+  std::atomic<std::uint32_t> free_;
+};
+
 template <class Pool>
 class PoolRun {
  public:
@@ -92,6 +191,7 @@ class PoolRun {
         picker_(cfg.mix),
         pool_(static_cast<std::uint32_t>(cfg.capacity), pool_args...),
         tags_(cfg.capacity),
+        payload_(cfg.capacity, 0),
         taken_at_(cfg.capacity),
         handles_(std::size_t{cfg.threads} * kHandlesPerThread),
         mailbox_(std::max<std::size_t>(4, 2 * std::size_t{cfg.threads})),
@@ -119,14 +219,17 @@ class PoolRun {
       counts.push_back(w.counts);
       handoffs += w.handoffs;
     }
-    for (std::size_t b = 0; b < tags_.size(); ++b) held_at_end += count_of(tags_[b].load()) > 0;
+    for (std::size_t b = 0; b < tags_.size(); ++b) held_at_end += count_of(tags_[b].load(std::memory_order::relaxed)) > 0;  // relaxed: after the join
     sum_ops(r_, cfg_.mix, counts);
     release_everything();
     check_quiescent("at the end, after every holder released");
+    std::uint64_t payload_checks = main_payload_checks_;
+    for (const auto& w : workers_) payload_checks += w.payload_checks;
     r_.stats = {{"blocks", cfg_.capacity},
                 {"blocks_held_before_cleanup", held_at_end},
                 {"handoffs", handoffs},
                 {"blocks_freed", freed_total()},
+                {"payload_checks", payload_checks},
                 {"invalid_releases", pool_.invalid_releases()}};
     if (r_.epochs > 1) {
       r_.notes.push_back("quiescent checks at " + std::to_string(r_.epochs) + " pauses, one every " + std::to_string(cfg_.max_events) +
@@ -144,6 +247,7 @@ class PoolRun {
     std::uint64_t last_refs = 0;  // last references this thread dropped (tag reached 0)
     std::uint64_t freed = 0;      // blocks release() reported free
     std::uint64_t handoffs = 0;
+    std::uint64_t payload_checks = 0;  // payload reads checked
   };
 
   std::uint64_t freed_total() const {
@@ -193,7 +297,9 @@ class PoolRun {
         break;
       }
       std::uint64_t expected = 0;
-      if (!tags_[b].compare_exchange_strong(expected, hd.group << kCountBits | 1)) {
+      // relaxed: the tag's own modification order is the check; an acquire
+      // would order the last holder's payload read before our write in place of the pool
+      if (!tags_[b].compare_exchange_strong(expected, hd.group << kCountBits | 1, std::memory_order::relaxed)) {
         const std::uint64_t s = taken_at_[b].start.load(std::memory_order::relaxed);  // relaxed: reporting only
         const std::uint64_t e = taken_at_[b].end.load(std::memory_order::relaxed);    // relaxed: reporting only
         fail(make_violation("owner",
@@ -205,6 +311,7 @@ class PoolRun {
       }
       taken_at_[b].start.store(t0, std::memory_order::relaxed);  // relaxed: reporting only
       taken_at_[b].end.store(t1, std::memory_order::relaxed);    // relaxed: reporting only
+      payload_[b] = content(hd.group, b);  // plain: after the last holder's reads only by the pool's orders
       if (pool_.ref_count(b) == 0) {
         fail(make_violation("refcount", "block " + std::to_string(b) + " allocated by try_allocate" + at(t0, t1) + " has reference count 0", {b}, {call}));
       }
@@ -212,6 +319,18 @@ class PoolRun {
     me.spare.pop_back();
     me.held.push_back(h);
     return true;
+  }
+
+  // A holder reads block b's payload (plain, as a user reads its KV data): it
+  // must be what the allocation of h's group wrote.
+  void check_payload(std::uint64_t& checks, BlockId b, const Handle& h, const char* op, std::uint64_t t0, std::uint64_t t1) {
+    ++checks;
+    if (const std::uint64_t got = payload_[b]; got != content(h.group, b)) {
+      fail(make_violation("payload",
+                          "block " + std::to_string(b) + " held by owner " + std::to_string(h.group) + " (got it" + at(h.start, h.end) + ") has content " +
+                              std::to_string(got) + " before its " + op + ", not what its allocation wrote",
+                          {b}, {{"acquire", h.group, h.start, h.end}, {op, h.group, t0, t1}}));
+    }
   }
 
   bool share(Worker& me) {
@@ -224,7 +343,8 @@ class PoolRun {
     const CallRef call{"retain", s.group, t0, t1};
     for (std::size_t i = 0; i < s.n; ++i) {
       const BlockId b = s.blocks[i];
-      std::uint64_t cur = tags_[b].load();
+      check_payload(me.payload_checks, b, s, "retain", t0, t1);
+      std::uint64_t cur = tags_[b].load(std::memory_order::relaxed);  // relaxed: as the CAS below
       for (;;) {
         if (group_of(cur) != s.group || count_of(cur) == 0) {
           fail(make_violation("owner",
@@ -233,7 +353,8 @@ class PoolRun {
                               {b}, {{"acquire", s.group, s.start, s.end}, call}));
           break;
         }
-        if (tags_[b].compare_exchange_weak(cur, cur + 1)) break;
+        // relaxed: as in allocate(), the tag's modification order is the check
+        if (tags_[b].compare_exchange_weak(cur, cur + 1, std::memory_order::relaxed)) break;
       }
       // src and the new share are both ours until we release one of them.
       if (const auto c = pool_.ref_count(b); c < 2) {
@@ -262,14 +383,15 @@ class PoolRun {
   }
 
   // Drops one reference of each block of handle h (owned by the caller).
-  void release_handle(std::uint32_t h, std::uint64_t& last_refs, std::uint64_t& freed) {
+  void release_handle(std::uint32_t h, std::uint64_t& last_refs, std::uint64_t& freed, std::uint64_t& checks) {
     const Handle& hd = handles_[h];
+    const std::uint64_t now = clock_.now();
     for (std::size_t i = 0; i < hd.n; ++i) {
       const BlockId b = hd.blocks[i];
-      std::uint64_t cur = tags_[b].load();
+      check_payload(checks, b, hd, "release", now, now);
+      std::uint64_t cur = tags_[b].load(std::memory_order::relaxed);  // relaxed: as the CAS below
       for (;;) {
         if (group_of(cur) != hd.group || count_of(cur) == 0) {
-          const std::uint64_t now = clock_.now();
           fail(make_violation("owner",
                               "owner " + std::to_string(hd.group) + " releasing block " + std::to_string(b) + " (got it" + at(hd.start, hd.end) +
                                   ") finds its tag naming owner " + std::to_string(group_of(cur)) + " with " + std::to_string(count_of(cur)) + " reference(s)",
@@ -277,7 +399,8 @@ class PoolRun {
           break;
         }
         const std::uint64_t next = count_of(cur) == 1 ? 0 : cur - 1;
-        if (tags_[b].compare_exchange_weak(cur, next)) {
+        // relaxed: as in allocate(); the pool's release must order our payload read
+        if (tags_[b].compare_exchange_weak(cur, next, std::memory_order::relaxed)) {
           last_refs += next == 0;
           break;
         }
@@ -307,7 +430,7 @@ class PoolRun {
     } else {
       return false;
     }
-    release_handle(h, me.last_refs, me.freed);
+    release_handle(h, me.last_refs, me.freed, me.payload_checks);
     me.spare.push_back(h);
     return true;
   }
@@ -341,7 +464,7 @@ class PoolRun {
     const std::uint64_t now = clock_.tick();
     std::uint64_t held = 0;
     for (std::size_t b = 0; b < tags_.size(); ++b) {
-      const std::uint64_t tag = tags_[b].load();
+      const std::uint64_t tag = tags_[b].load(std::memory_order::relaxed);  // relaxed: threads are parked at the barrier
       held += count_of(tag) > 0;
       const std::uint32_t c = pool_.ref_count(static_cast<BlockId>(b));
       if (c != count_of(tag)) {
@@ -380,11 +503,11 @@ class PoolRun {
     for (auto& slot : mailbox_) {
       // (2') acquire: as (2)
       if (const std::uint32_t got = slot.exchange(0, std::memory_order::acquire); got != 0) {
-        release_handle(got - 1, main_last_refs_, main_freed_);
+        release_handle(got - 1, main_last_refs_, main_freed_, main_payload_checks_);
       }
     }
     for (auto& w : workers_) {
-      for (const std::uint32_t h : w.held) release_handle(h, main_last_refs_, main_freed_);
+      for (const std::uint32_t h : w.held) release_handle(h, main_last_refs_, main_freed_, main_payload_checks_);
       w.held.clear();
     }
   }
@@ -398,14 +521,15 @@ class PoolRun {
   Collector found_;
   OpPicker picker_;
   Pool pool_;
-  tgi_test::LogicalClock clock_;
+  StampClock clock_;
   std::atomic<bool> stop_{false};
   std::vector<std::atomic<std::uint64_t>> tags_;  // the owner tags (see the top)
+  std::vector<std::uint64_t> payload_;            // plain, one word a block (see the top)
   std::vector<TakenAt> taken_at_;                 // the call that last allocated each block, for reports
   std::vector<Handle> handles_;
   std::vector<std::atomic<std::uint32_t>> mailbox_;  // handle + 1, or 0: shares on their way to another thread
   std::vector<Worker> workers_;
-  std::uint64_t main_last_refs_ = 0, main_freed_ = 0;
+  std::uint64_t main_last_refs_ = 0, main_freed_ = 0, main_payload_checks_ = 0;
 };
 
 }  // namespace
@@ -414,6 +538,8 @@ void run_pool_target(const Config& cfg, Report& r) {
   if (cfg.capacity > scheduling::kMaxBlocks) throw std::invalid_argument("capacity above kMaxBlocks");
   if (cfg.target == Target::BrokenPool) {
     PoolRun<OverReleasingPool>(cfg, r, cfg.drop_every).run();
+  } else if (cfg.target == Target::BrokenPoolOrder) {
+    PoolRun<UnorderedPool>(cfg, r).run();
   } else {
     PoolRun<BlockPool>(cfg, r).run();
   }

@@ -23,6 +23,7 @@ enum class Target {
   BrokenDropping,    ///< a mutex queue that loses every task whose id is a multiple of drop_every
   BrokenDuplicates,  ///< a mutex queue that never reports DuplicateId (meant for --reuse-ids)
   BrokenPool,        ///< a BlockPool that, every drop_every-th release of a shared block, drops a reference too many
+  BrokenPoolOrder,   ///< a pool right in every count but with every atomic relaxed (caught under ThreadSanitizer only)
   BrokenEngine,      ///< an Engine whose plans leave out every drop_every-th preemption (when built)
   BrokenEngineOrder, ///< an Engine that queues and preempts every task as Normal (when built)
 };
@@ -86,7 +87,7 @@ struct CallRef {
 
 struct Violation {
   /// conservation, fifo, priority, cancel, peek, payload, len, duplicate (scheduler);
-  /// owner, refcount, pool (pool); engine, lifecycle, blocks, order (engine).
+  /// owner, refcount, pool, payload (pool); engine, lifecycle, blocks, order (engine).
   std::string kind;
   std::string detail;
   /// Task (or block) ids involved, in the order the detail names them.
