@@ -28,8 +28,8 @@
 // around every call would order each call before every later one and hide a
 // pool that orders nothing. The checks above need only each tag's own
 // modification order. Under ThreadSanitizer a missing order is reported as a
-// data race on the payload (the broken-pool-order target shows it); on x86-64
-// without it the hardware keeps the accesses in order anyway, and only the
+// data race on the payload (the broken-pool-order target shows it); in the
+// other builds on x86-64 the hardware keeps the accesses in order, and only the
 // counts and the contents are checked. The over-releasing pool keeps no
 // payload: once it has dropped a holder's reference, that holder's read is
 // unordered in fact, and its fault is to be reported as a count, not as a race.
