@@ -108,7 +108,6 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
-#include <thread>
 
 #include <tgi_gtc/scheduling/engine.hpp>
 
@@ -131,6 +130,24 @@ void (*g_admit_peeked_hook)(std::uint64_t id) = nullptr;
 #endif
 
 namespace {
+
+// Thread serials tell the serving loop from producers (on_loop_thread()). Not
+// std::thread::id: glibc gives a new thread the id of one that exited, so a
+// producer started after the loop thread's exit could pass for the loop and
+// run loop-only code beside the new loop thread. A serial is never reused
+// (2^64 threads). 0: no thread. Constant-initialized, initial-exec TLS, as
+// t_hint in block_pool.cpp: no guard, no __tls_get_addr.
+std::atomic<std::uint64_t> g_thread_serials{0};
+[[gnu::tls_model("initial-exec")]] thread_local std::uint64_t t_thread_serial = 0;
+
+std::uint64_t this_thread_serial() noexcept {
+  if (t_thread_serial == 0) {
+    // relaxed: only uniqueness matters (the counter's modification order);
+    // it publishes nothing and pairs with no other operation.
+    t_thread_serial = g_thread_serials.fetch_add(1, std::memory_order::relaxed) + 1;
+  }
+  return t_thread_serial;
+}
 
 constexpr std::uint32_t kNil = ~std::uint32_t{0};
 constexpr std::uint32_t kMaxRunning = std::uint32_t{1} << 20;
@@ -403,13 +420,14 @@ class EngineCore {
   }
 
   bool on_loop_thread() const noexcept {
-    // relaxed: a thread reads its own id here only if it stored it itself
-    // (step() on this thread); a hand-over of the loop to another thread
-    // must synchronize anyway (loop calls are not concurrent).
-    return loop_thread_.load(std::memory_order::relaxed) == std::this_thread::get_id();
+    // relaxed: a thread reads its own serial here only if it stored it
+    // itself (step() on this thread; serials are never reused); a hand-over
+    // of the loop to another thread must synchronize anyway (loop calls are
+    // not concurrent).
+    return loop_thread_.load(std::memory_order::relaxed) == this_thread_serial();
   }
   void note_loop_thread() noexcept {
-    const std::thread::id me = std::this_thread::get_id();
+    const std::uint64_t me = this_thread_serial();
     // relaxed: see on_loop_thread().
     if (loop_thread_.load(std::memory_order::relaxed) != me) loop_thread_.store(me, std::memory_order::relaxed);
   }
@@ -968,7 +986,7 @@ class EngineCore {
 
   // Shared with producers.
   alignas(64) std::atomic<bool> cancel_bell_{false};
-  alignas(64) std::atomic<std::thread::id> loop_thread_{};
+  alignas(64) std::atomic<std::uint64_t> loop_thread_{0};  // the serial of the last step() caller
   struct alignas(64) Published {
     std::atomic<std::size_t> running{0};
     std::atomic<std::size_t> paused{0};
@@ -982,7 +1000,7 @@ class EngineCore {
   static_assert(alignof(Published) == 64 && sizeof(Published) == 64, "published counters: one line");
 };
 
-static_assert(std::atomic<std::thread::id>::is_always_lock_free);
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free);
 
 }  // namespace detail
 
