@@ -224,11 +224,16 @@ namespace {
 // pool's hint: no guard and no __tls_get_addr on the path.
 [[gnu::tls_model("initial-exec")]] thread_local std::uint32_t t_jitter = 0;
 
-// A number in [0, bound), bound >= 1, different from thread to thread.
+// A number in [0, bound), bound >= 1, drawn per thread.
 unsigned jitter(unsigned bound) noexcept {
   std::uint32_t x = t_jitter;
-  // Seeded from the state's own address: distinct for every live thread.
-  if (x == 0) x = static_cast<std::uint32_t>(reinterpret_cast<std::uintptr_t>(&t_jitter) >> 3) | 1u;
+  // Seeded from the state's own address, every bit of it mixed (Fibonacci
+  // hashing): live threads' addresses differ, so their seeds differ but for a
+  // chance 32-bit collision, which would only make two back-offs alike.
+  if (x == 0) {
+    const auto addr = static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(&t_jitter));
+    x = static_cast<std::uint32_t>((addr * 0x9E3779B97F4A7C15ULL) >> 32) | 1u;
+  }
   x ^= x << 13;
   x ^= x >> 17;
   x ^= x << 5;

@@ -150,10 +150,12 @@
 //       FILLING or not yet published (DuplicateId only for a published one).
 //   I7. A bucket's fields are read before the claim CAS (or peek's re-check
 //       load) and are valid exactly when that CAS or load finds the same
-//       state word: fields are written only while FILLING, which needs a new
-//       generation, and with release stores that the readers' acquire loads
-//       pair with, so a reader that read a later occupant's field also sees
-//       that occupant's claim in its re-check.
+//       state word: id and tokens are written only while FILLING, which needs
+//       a new generation, and with release stores that the readers' acquire
+//       loads pair with, so a reader that read a later occupant's field also
+//       sees that occupant's claim in its re-check. (The ticket note is
+//       written after FILLING too, by publish(); no task read uses it, and
+//       its readers rely on I8.)
 //   I8. A cancelled task's cell is cleared before its cancel() or its
 //       schedule() returns. The producer re-reads the state after its publish
 //       CAS; the canceller, after its claim CAS, reads the note (this task's
