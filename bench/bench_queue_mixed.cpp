@@ -124,9 +124,12 @@ struct BurstW {
 };
 
 /// cancel-heavy: at depth 1,000 each thread loops: schedule three tasks,
-/// cancel the second by id, next() twice. A third of the scheduled tasks are
-/// cancelled (unless another thread took it first: cancel_hit < 1).
-/// items = tasks handled (3 per loop).
+/// cancel the second by id, then next() until the loop has removed as many
+/// tasks as it scheduled (twice, or three times when another thread took the
+/// second task first: cancel_hit < 1). So the depth stays at 1,000 whatever
+/// the cancels find, and about a third of the tasks are cancelled. items =
+/// tasks removed (cancelled or taken); ops (fairness) = loops. A refused
+/// schedule (the queue is far from its capacity) is counted and reported.
 struct CancelW {
   template <bool kT, class Q>
   static void loop(QueueRun<Q>& r, ThreadStats& st, Histogram& h, int tid, int) {
@@ -134,21 +137,26 @@ struct CancelW {
       Q& q = r.queue;
       TaskGen gen(static_cast<std::uint64_t>(tid) + 1);
       Deadline deadline(r.stop, r.duration_ticks);
-      std::uint64_t i = 0, scheduled = 0, taken = 0, cancelled = 0;
+      std::uint64_t i = 0, scheduled = 0, taken = 0, cancelled = 0, refused = 0;
       std::uint64_t sum_in = 0, sum_out = 0;  // fingerprints of the tasks in and out
       for (; !deadline.expired(i); ++i) {
         const ScheduledTask a = gen.next(), b = gen.next(), c = gen.next();
+        unsigned in = 0;
         for (const ScheduledTask* x : {&a, &b, &c}) {
           if (timed<kT>(h, [&] { return q.schedule(*x); })) {
-            ++scheduled;
+            ++in;
             sum_in += fingerprint(*x);
           }
         }
+        scheduled += in;
+        refused += 3 - in;
+        unsigned out = 0;
         if (const auto got = timed<kT>(h, [&] { return q.cancel(b.id); })) {
           ++cancelled;
+          ++out;
           sum_out += fingerprint(*got);
         }
-        for (int k = 0; k < 2; ++k) {
+        for (; out < in; ++out) {
           if (const auto got = timed<kT>(h, [&] { return q.next(); })) {
             ++taken;
             sum_out += fingerprint(*got);
@@ -156,17 +164,19 @@ struct CancelW {
         }
       }
       st.ops = i;
-      st.items = 3 * i;
+      st.items = taken + cancelled;
       st.scheduled = scheduled;
       st.taken = taken;
       st.cancelled = cancelled;
       st.sum_in = sum_in;
       st.sum_out = sum_out;
       st.aux0 = i;  // cancel attempts
+      st.aux1 = refused;
     }
   }
   static void report(benchmark::State& state, const RunTotals& t) {
     state.counters["cancel_hit"] = t.aux0 ? static_cast<double>(t.cancelled) / static_cast<double>(t.aux0) : 0.0;
+    state.counters["refused"] = static_cast<double>(t.aux1);
   }
 };
 

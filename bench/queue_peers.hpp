@@ -211,7 +211,10 @@ class MutexDeques {
 
   std::optional<ScheduledTask> cancel(TaskId id) {
     std::lock_guard lock(mutex_);
-    for (auto& q : queues_) {
+    // Highest priority first, as next() serves them: those deques stay short
+    // while the backlog gathers in the lower ones.
+    for (std::size_t p = sched::kPriorityCount; p-- > 0;) {
+      auto& q = queues_[p];
       const auto it = std::find_if(q.begin(), q.end(), [&](const ScheduledTask& x) { return x.id == id; });
       if (it == q.end()) continue;
       ScheduledTask t = *it;
