@@ -14,14 +14,30 @@
 //                 queued at every instant the call could take effect: schedule(a)
 //                 preceded the call or schedule(b) (which takes effect before a
 //                 call that returns b), and a's removal began after the call
-//                 returned (or never happened);
+//                 returned (or never happened); or, as for empty below, a task
+//                 x of higher priority than b was queued until its removal
+//                 began and a task a of higher priority than b, scheduled
+//                 before that, from then on until after the call. A peek takes
+//                 effect while b is queued, so before b's removal ended: that
+//                 instant ends its interval here (and for fifo, below) when it
+//                 comes before the peek's return;
 //   cancel        cancel(id) found nothing although schedule(id) preceded it
 //                 and id's removal began after the cancel returned;
 //   empty         a next()/peek() returned nothing although some task was
 //                 queued at every instant of the call: a task x whose schedule
 //                 preceded the call, and either x itself or a task a scheduled
 //                 before x's removal began, removed only after the call
-//                 returned (until x leaves, x is queued; from then on, a is).
+//                 returned (until x leaves, x is queued; from then on, a is);
+//   clear         for a clear() logged with a marker event (Op::Clear, ok
+//                 false, id 0: sched-stress logs one for every call, so an
+//                 empty clear is judged too): a task whose schedule preceded
+//                 the clear was neither removed by it nor by a call that began
+//                 before it returned; or among the tasks one clear returned
+//                 (its Op::Clear events, ok, with the clear's stamps) that were
+//                 scheduled before it began, one of higher priority came after
+//                 one of lower, or one of a class came after another of that
+//                 class whose schedule it preceded (clear returns tasks in
+//                 next()'s order).
 // Each finding names the task ids and the clock values of the calls involved.
 //
 // findings() returns the same findings with their parts kept apart (kind, the
@@ -141,9 +157,10 @@ class HistoryChecker {
 
   /// The findings of check() (and, with `extended`, of the added checks), with
   /// the calls involved kept apart. Kinds come in the order conservation,
-  /// fifo, priority, cancel, peek, payload, empty.
+  /// fifo, priority, cancel, peek, payload, empty, clear.
   Findings findings(const FindingOptions& opt = {}) const {
-    static constexpr const char* kKinds[] = {"conservation", "fifo", "priority", "cancel", "peek", "payload", "empty"};
+    static constexpr const char* kKinds[] = {"conservation", "fifo",  "priority", "cancel",
+                                             "peek",         "payload", "empty",    "clear"};
     constexpr std::size_t kKindCount = sizeof(kKinds) / sizeof(kKinds[0]);
     struct Life {
       const Event* sched = nullptr;
@@ -217,6 +234,53 @@ class HistoryChecker {
     // When a task's removal began; never removed: the end of time.
     auto removal_start = [](const Life* l) {
       return l->removal ? l->removal->start : std::numeric_limits<std::uint64_t>::max();
+    };
+    // The last instant at which a next/peek r that returned a task can take
+    // effect: its end, or for a peek, the end of the task's removal if that
+    // comes first (a peek sees the task queued). Never before r's start: a
+    // peek of a task removed before it began is the peek check's finding.
+    auto effect_end = [&](const Event& r) {
+      if (r.op != Op::Peek || !r.ok) return r.end;
+      const auto it = life.find(r.id);
+      if (it == life.end() || !it->second.removal) return r.end;
+      return std::max(r.start, std::min(r.end, it->second.removal->end));
+    };
+    // Tasks sorted by schedule end: how many of them were scheduled before t.
+    auto scheduled_before = [](const std::vector<const Life*>& tasks, std::uint64_t t) {
+      return static_cast<std::size_t>(
+          std::partition_point(tasks.begin(), tasks.end(), [t](const Life* l) { return l->sched->end < t; }) - tasks.begin());
+    };
+    // latest[i]: among tasks[0..i] (sorted by schedule end), the one whose
+    // removal began latest.
+    auto latest_removals = [&](const std::vector<const Life*>& tasks) {
+      std::vector<const Life*> latest(tasks.size());
+      for (std::size_t i = 0; i < tasks.size(); ++i) {
+        latest[i] = i == 0 || removal_start(tasks[i]) > removal_start(latest[i - 1]) ? tasks[i] : latest[i - 1];
+      }
+      return latest;
+    };
+    // A chain of two queued tasks: x until its removal began, then a (x
+    // itself, or one scheduled before that) until its removal began.
+    struct Cover {
+      const Life* x;
+      const Life* a;  // nullptr: none
+    };
+    auto cover_start = [&](const Cover& c) { return c.a ? removal_start(c.a) : 0; };
+    // covers[i]: among tasks[0..i] as x, the chain whose a's removal began
+    // latest; so some task was queued from tasks[i]'s schedule end on until
+    // cover_start(covers[i]) at least.
+    auto best_covers = [&](const std::vector<const Life*>& tasks) {
+      const std::vector<const Life*> latest = latest_removals(tasks);
+      std::vector<Cover> best(tasks.size());
+      for (std::size_t i = 0; i < tasks.size(); ++i) {
+        const std::size_t n = scheduled_before(tasks, removal_start(tasks[i]));
+        const Cover here{tasks[i], n == 0 ? nullptr : latest[n - 1]};
+        best[i] = i == 0 || cover_start(here) > cover_start(best[i - 1]) ? here : best[i - 1];
+      }
+      return best;
+    };
+    auto by_schedule_end = [](std::vector<const Life*>& tasks) {
+      std::sort(tasks.begin(), tasks.end(), [](auto* x, auto* y) { return x->sched->end < y->sched->end; });
     };
     // FIFO: among tasks taken by next(), per class (priority, or all in FIFO mode).
     const std::size_t classes = priority_mode_ ? 4 : 1;
@@ -322,7 +386,7 @@ class HistoryChecker {
             ++k;
           }
           if (static_cast<std::size_t>(r->priority) >= q || !latest) continue;
-          if (removal_start(latest) > r->end) {
+          if (removal_start(latest) > effect_end(*r)) {
             // schedule(b) is evidence only when a's schedule did not precede r.
             const Event* b_sched = latest->sched->end < r->start ? nullptr : rd.b_sched;
             auto text = [&] {
@@ -340,6 +404,40 @@ class HistoryChecker {
               report(2, {r, latest->sched}, text);
             }
           }
+        }
+      }
+      // The same through a chain, as the empty check below: for a next/peek
+      // returning priority p, x of a higher priority was queued until its
+      // removal began and a of a higher priority, scheduled before that, until
+      // after the call could take effect. (A single task that covers the call
+      // is the rule above's finding.)
+      for (std::size_t p = 0; p + 1 < 4; ++p) {
+        std::vector<const Life*> tasks;
+        for (const auto& [id, l] : life) {
+          if (l.sched && static_cast<std::size_t>(l.sched->priority) > p) tasks.push_back(&l);
+        }
+        by_schedule_end(tasks);
+        const std::vector<Cover> best = best_covers(tasks);
+        for (const Event& e : events_) {
+          if ((e.op != Op::Next && e.op != Op::Peek) || !e.ok || static_cast<std::size_t>(e.priority) != p) continue;
+          std::uint64_t after = e.start;
+          if (const auto it = life.find(e.id); it != life.end() && it->second.sched) after = std::max(after, it->second.sched->start);
+          const std::size_t n = scheduled_before(tasks, after);
+          if (n == 0) continue;
+          const Cover& c = best[n - 1];
+          const std::uint64_t until = effect_end(e);
+          if (!c.a || c.a == c.x || removal_start(c.a) <= until || removal_start(c.x) > until) continue;
+          const Life* x = c.x;
+          const Life* a = c.a;
+          auto text = [&] {
+            return name(e.op) + at(e) + " returned task " + std::to_string(e.id) + " (" +
+                   std::string(tgi_gtc::scheduling::to_string(e.priority)) + ") while task " + std::to_string(x->sched->id) +
+                   " (" + std::string(tgi_gtc::scheduling::to_string(x->sched->priority)) + "), scheduled" + at(*x->sched) +
+                   ", was queued until" + (x->removal ? at(*x->removal) : std::string(" the end")) + ", and task " +
+                   std::to_string(a->sched->id) + " (" + std::string(tgi_gtc::scheduling::to_string(a->sched->priority)) +
+                   "), scheduled" + at(*a->sched) + " before that, until" + (a->removal ? at(*a->removal) : std::string(" the end"));
+          };
+          report(2, {&e, x->sched, x->removal, a->sched}, text);  // x left before `until`: removal set
         }
       }
     }
@@ -369,31 +467,11 @@ class HistoryChecker {
       for (const auto& [id, l] : life) {
         if (l.sched) tasks.push_back(&l);
       }
-      std::sort(tasks.begin(), tasks.end(), [](auto* x, auto* y) { return x->sched->end < y->sched->end; });
-      // latest[i]: among tasks[0..i], the one whose removal began latest.
-      std::vector<const Life*> latest(tasks.size());
-      for (std::size_t i = 0; i < tasks.size(); ++i) {
-        latest[i] = i == 0 || removal_start(tasks[i]) > removal_start(latest[i - 1]) ? tasks[i] : latest[i - 1];
-      }
-      auto scheduled_before = [&](std::uint64_t t) {  // how many tasks' schedules ended before t
-        return static_cast<std::size_t>(
-            std::partition_point(tasks.begin(), tasks.end(), [t](const Life* l) { return l->sched->end < t; }) - tasks.begin());
-      };
-      struct Cover {
-        const Life* x;
-        const Life* a;  // nullptr: none
-      };
-      auto cover_start = [&](const Cover& c) { return c.a ? removal_start(c.a) : 0; };
-      // best[i]: among tasks[0..i] as x, the pair (x, a) whose a's removal began latest.
-      std::vector<Cover> best(tasks.size());
-      for (std::size_t i = 0; i < tasks.size(); ++i) {
-        const std::size_t n = scheduled_before(removal_start(tasks[i]));
-        const Cover here{tasks[i], n == 0 ? nullptr : latest[n - 1]};
-        best[i] = i == 0 || cover_start(here) > cover_start(best[i - 1]) ? here : best[i - 1];
-      }
+      by_schedule_end(tasks);
+      const std::vector<Cover> best = best_covers(tasks);
       for (const Event& e : events_) {
         if ((e.op != Op::Next && e.op != Op::Peek) || e.ok) continue;
-        const std::size_t n = scheduled_before(e.start);
+        const std::size_t n = scheduled_before(tasks, e.start);
         if (n == 0) continue;
         const Cover& c = best[n - 1];
         if (!c.a || removal_start(c.a) <= e.end) continue;
@@ -415,6 +493,73 @@ class HistoryChecker {
         } else {
           report(6, {&e, x->sched, a->sched}, text);
         }
+      }
+    }
+
+    // Clear: every task queued when a clear() began and not removed by a call
+    // that began before it returned leaves by it (marker events: see the top).
+    // Sweep: among the tasks scheduled before the clear began, the one whose
+    // removal began latest.
+    {
+      std::vector<const Life*> tasks;
+      for (const auto& [id, l] : life) {
+        if (l.sched) tasks.push_back(&l);
+      }
+      by_schedule_end(tasks);
+      const std::vector<const Life*> latest = latest_removals(tasks);
+      for (const Event& e : events_) {
+        if (e.op != Op::Clear || e.ok) continue;
+        const std::size_t n = scheduled_before(tasks, e.start);
+        if (n == 0) continue;
+        const Life* x = latest[n - 1];
+        if (removal_start(x) <= e.end) continue;
+        auto text = [&] {
+          return "clear" + at(e) + " left task " + std::to_string(x->sched->id) + ", scheduled" + at(*x->sched) +
+                 " before it began, queued: it left only" +
+                 (x->removal ? at(*x->removal) + " (" + name(x->removal->op) + ")" : std::string(" never"));
+        };
+        if (x->removal) {
+          report(7, {&e, x->sched, x->removal}, text);
+        } else {
+          report(7, {&e, x->sched}, text);
+        }
+      }
+    }
+    // Clear's order: the tasks one clear returned (consecutive Op::Clear
+    // events of one log with the same stamps) that were scheduled before it
+    // began come in next()'s order: no priority above an earlier one's, and
+    // within a class, none whose schedule preceded an earlier one's.
+    for (std::size_t i = 0; i < events_.size();) {
+      const Event& first = events_[i];
+      if (first.op != Op::Clear || !first.ok) {
+        ++i;
+        continue;
+      }
+      const Event* lowest = nullptr;                // schedule of the lowest priority returned so far
+      const Event* newest[4] = {};                  // per class: the latest-starting schedule returned so far
+      for (; i < events_.size() && events_[i].op == Op::Clear && events_[i].ok && events_[i].start == first.start &&
+             events_[i].end == first.end;
+           ++i) {
+        const Event& e = events_[i];
+        const auto it = life.find(e.id);
+        if (it == life.end() || !it->second.sched || it->second.sched->end >= e.start) continue;
+        const Event* s = it->second.sched;
+        const std::size_t c = priority_mode_ ? static_cast<std::size_t>(s->priority) : 0;
+        if (priority_mode_ && lowest && s->priority > lowest->priority) {
+          report(7, {lowest, s, &e}, [&] {
+            return "clear" + at(e) + " returned task " + std::to_string(s->id) + " (" +
+                   std::string(tgi_gtc::scheduling::to_string(s->priority)) + ") after task " + std::to_string(lowest->id) +
+                   " (" + std::string(tgi_gtc::scheduling::to_string(lowest->priority)) + "), both scheduled before it began";
+          });
+        }
+        if (newest[c] && s->end < newest[c]->start) {
+          report(7, {s, newest[c], &e}, [&] {
+            return "clear" + at(e) + " returned task " + std::to_string(s->id) + ", scheduled" + at(*s) + ", after task " +
+                   std::to_string(newest[c]->id) + ", scheduled" + at(*newest[c]) + " (same class)";
+          });
+        }
+        if (!lowest || s->priority < lowest->priority) lowest = s;
+        if (!newest[c] || s->start > newest[c]->start) newest[c] = s;
       }
     }
 
@@ -493,7 +638,7 @@ class HistoryChecker {
           if (!a || removal_start(tasks[i]->life) > removal_start(a)) a = tasks[i]->life;
           ++i;
         }
-        if (a && removal_start(a) > p.r->end) {
+        if (a && removal_start(a) > effect_end(*p.r)) {
           report(1, {a->sched, p.b->sched, p.r}, [&] {
             return "task " + std::to_string(a->sched->id) + " scheduled" + at(*a->sched) + " before task " +
                    std::to_string(p.b->sched->id) + at(*p.b->sched) + " (same class) and queued until" +

@@ -24,11 +24,19 @@ constexpr TargetName kTargets[] = {
     {Target::BrokenMoodycamel, "broken-moodycamel"},
     {Target::BrokenDropping, "broken-dropping"},
     {Target::BrokenDuplicates, "broken-duplicates"},
+    {Target::BrokenFull, "broken-full"},
+    {Target::BrokenClear, "broken-clear"},
+    {Target::BrokenLen, "broken-len"},
     {Target::BrokenPool, "broken-pool"},
     {Target::BrokenPoolOrder, "broken-pool-order"},
     {Target::BrokenEngine, "broken-engine"},
     {Target::BrokenEngineOrder, "broken-engine-order"},
 };
+}  // namespace
+
+namespace {
+// The targets driven by the scheduler run: those whose ops are the Scheduler's.
+bool is_scheduler_target(Target t) { return default_mix(t).front().first == "schedule"; }
 }  // namespace
 
 std::string_view to_string(Target t) {
@@ -53,6 +61,9 @@ std::vector<Target> available_targets() {
   out.push_back(Target::BrokenMoodycamel);
   out.push_back(Target::BrokenDropping);
   out.push_back(Target::BrokenDuplicates);
+  out.push_back(Target::BrokenFull);
+  out.push_back(Target::BrokenClear);
+  out.push_back(Target::BrokenLen);
   out.push_back(Target::BrokenPool);
   out.push_back(Target::BrokenPoolOrder);
 #if TGI_STRESS_HAS_ENGINE
@@ -68,6 +79,9 @@ Mix default_mix(Target t) {
     case Target::BrokenMoodycamel:
     case Target::BrokenDropping:
     case Target::BrokenDuplicates:
+    case Target::BrokenFull:
+    case Target::BrokenClear:
+    case Target::BrokenLen:
       return {{"schedule", 40}, {"next", 30}, {"peek", 10}, {"cancel", 15}, {"clear", 1}};
     case Target::Pool:
     case Target::BrokenPool:
@@ -127,8 +141,7 @@ Report run(Config config) {
   if (config.max_events < 64) throw std::invalid_argument("max_events must be at least 64");
   if (config.drop_every == 0) throw std::invalid_argument("drop_every must be positive");
   if (config.reuse_ids != 0) {
-    if (config.target != Target::Scheduler && config.target != Target::BrokenMoodycamel && config.target != Target::BrokenDropping &&
-        config.target != Target::BrokenDuplicates) {
+    if (!is_scheduler_target(config.target)) {
       throw std::invalid_argument("reuse_ids applies to the scheduler targets only");
     }
     if (config.reuse_ids > (std::size_t{1} << 20)) throw std::invalid_argument("reuse_ids must be at most 1048576");
@@ -141,6 +154,9 @@ Report run(Config config) {
     case Target::BrokenMoodycamel:
     case Target::BrokenDropping:
     case Target::BrokenDuplicates:
+    case Target::BrokenFull:
+    case Target::BrokenClear:
+    case Target::BrokenLen:
       if (config.capacity == 0) config.capacity = 1024;
       r.config = config;
       detail::run_scheduler_target(config, r);

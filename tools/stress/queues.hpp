@@ -4,10 +4,14 @@
 // per thread). RealScheduler is the project's Scheduler; the broken ones
 // exist so that the checks are seen to fail (a check that cannot fail is a
 // defect): MoodycamelQueue is fast but not FIFO across producers, DroppingQueue
-// is a correct mutex queue that silently loses some tasks, or (as
-// broken-duplicates) one that never reports DuplicateId.
+// is a correct mutex queue with one planted fault: it silently loses some
+// tasks (broken-dropping), never reports DuplicateId (broken-duplicates),
+// refuses some schedules of a queue far from full (broken-full), clears in the
+// reverse of next()'s order (broken-clear), or reports half its length
+// (broken-len).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <deque>
@@ -77,34 +81,45 @@ class MoodycamelQueue {
   alignas(64) std::atomic<TaskId> ids_{0};
 };
 
-/// A correct priority queue under one mutex, except that schedule() reports
-/// success for every task whose id is a multiple of `drop_every` (0: none)
-/// and then forgets it; and, without `check_duplicates`, accepts a task whose
-/// id is queued already (a second copy, which leaves like any other).
+/// A correct priority queue under one mutex, but for the faults asked for.
 class DroppingQueue {
  public:
   static constexpr bool kHasPeek = true;
   static constexpr bool kHasCancel = true;
 
-  DroppingQueue(std::size_t capacity, bool priority_mode, std::uint64_t drop_every, bool check_duplicates)
-      : capacity_(capacity),
-        classes_(priority_mode ? scheduling::kPriorityCount : 1),
-        drop_every_(drop_every),
-        check_duplicates_(check_duplicates) {}
+  struct Faults {
+    /// schedule() reports success for every task whose id is a multiple of
+    /// this (0: none) and then forgets it.
+    std::uint64_t drop_every = 0;
+    /// false: accepts a task whose id is queued already (a second copy, which
+    /// leaves like any other).
+    bool check_duplicates = true;
+    /// schedule() reports QueueFull for every task whose id is a multiple of
+    /// this (0: none), however short the queue.
+    std::uint64_t refuse_every = 0;
+    /// clear() returns the tasks in the reverse of next()'s order.
+    bool clear_reversed = false;
+    /// len() reports half the tasks queued.
+    bool half_len = false;
+  };
+
+  DroppingQueue(std::size_t capacity, bool priority_mode, const Faults& faults)
+      : capacity_(capacity), classes_(priority_mode ? scheduling::kPriorityCount : 1), faults_(faults) {}
 
   TaskId next_id() noexcept { return ids_.fetch_add(1) + 1; }
 
   std::error_code schedule(unsigned, const ScheduledTask& t) {
     std::lock_guard lock(mutex_);
     if (size_ >= capacity_) return ScheduleError::QueueFull;
-    if (check_duplicates_) {
+    if (faults_.refuse_every != 0 && t.id % faults_.refuse_every == 0) return ScheduleError::QueueFull;
+    if (faults_.check_duplicates) {
       for (const auto& q : queues_) {
         for (const auto& queued : q) {
           if (queued.id == t.id) return ScheduleError::DuplicateId;
         }
       }
     }
-    if (drop_every_ != 0 && t.id % drop_every_ == 0) {
+    if (faults_.drop_every != 0 && t.id % faults_.drop_every == 0) {
       ++dropped_;
       return {};
     }
@@ -148,11 +163,12 @@ class DroppingQueue {
   std::vector<ScheduledTask> clear() {
     std::vector<ScheduledTask> out;
     while (auto t = next(0)) out.push_back(*t);
+    if (faults_.clear_reversed) std::reverse(out.begin(), out.end());
     return out;
   }
   std::size_t len() const {
     std::lock_guard lock(mutex_);
-    return size_;
+    return faults_.half_len ? size_ / 2 : size_;
   }
   std::uint64_t dropped() const {
     std::lock_guard lock(mutex_);
@@ -164,8 +180,7 @@ class DroppingQueue {
 
   std::size_t capacity_;
   std::size_t classes_;
-  std::uint64_t drop_every_;
-  bool check_duplicates_;
+  Faults faults_;
   mutable std::mutex mutex_;
   std::deque<ScheduledTask> queues_[scheduling::kPriorityCount];
   std::size_t size_ = 0;

@@ -60,7 +60,7 @@ void print_summary(std::ostream& os, const Report& r) {
   if (c.reuse_ids != 0) os << ", ids 1.." << c.reuse_ids << " reused";
   os << ", mix " << mix_text(c.mix) << ", " << (c.seconds > 0 ? fmt("%.3g s", c.seconds) : std::to_string(c.ops) + " ops")
      << ", max-events " << c.max_events << "/thread";
-  if (c.target == Target::BrokenDropping || c.target == Target::BrokenPool || c.target == Target::BrokenEngine) os << ", drop-every " << c.drop_every;
+  if (c.target == Target::BrokenDropping || c.target == Target::BrokenFull || c.target == Target::BrokenPool || c.target == Target::BrokenEngine) os << ", drop-every " << c.drop_every;
   os << "\n";
   os << "  run:     " << r.total_ops << " ops in " << fmt("%.3f", r.seconds) << " s = " << fmt("%.3f", rate(r.total_ops, r.seconds) / 1e6)
      << " Mops/s; " << r.epochs << (r.epochs == 1 ? " epoch" : " epochs") << ", checking " << fmt("%.3f", r.check_seconds) << " s";

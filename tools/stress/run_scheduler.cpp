@@ -4,8 +4,9 @@
 // task's payload is checked against its id, len() against the capacity, and
 // cancel's result against the id asked for. When a log fills (or the run
 // ends), every thread stops at a barrier, the main thread drains the queue
-// with clear() and checks the whole epoch's history, then the logs are emptied
-// and the next epoch starts on the empty queue.
+// with clear() (len() must equal what it returns) and checks the whole epoch's
+// history and every QueueFull answer against the calls around it, then the
+// logs are emptied and the next epoch starts on the empty queue.
 #include <algorithm>
 #include <stdexcept>
 #include <string>
@@ -39,6 +40,7 @@ class SchedulerRun {
     for (unsigned w = 0; w < cfg.threads; ++w) {
       workers_[w].log.reserve(cfg.max_events + cfg.capacity + 1);
       if (reuse()) workers_[w].duplicates.reserve(cfg.max_events);
+      workers_[w].refusals.reserve(cfg.max_events);
       workers_[w].rng = thread_rng(cfg.seed, w);
       workers_[w].counts = OpCounts(cfg.mix.size());
     }
@@ -91,6 +93,7 @@ class SchedulerRun {
     std::size_t max_len = 0;
     std::uint64_t full = 0;
     ThreadLog duplicates;  // --reuse-ids: the schedule calls that returned DuplicateId
+    ThreadLog refusals;    // the schedule calls that returned QueueFull
   };
 
   bool reuse() const { return cfg_.reuse_ids != 0; }
@@ -195,6 +198,51 @@ class SchedulerRun {
     }
   }
 
+  // QueueFull is judged unless so many calls can be in flight that the task
+  // table, not the count, may be what is full (README, Guarantees: capacity
+  // + 131 stalled calls).
+  bool refusals_checked() const { return cfg_.threads < cfg_.capacity + 131; }
+
+  // QueueFull only when len() can have reached the capacity during the call.
+  // len() counts a schedule from its start and a removal until it returns, so
+  // during refusal R it is at most: accepted schedules begun before R ended,
+  // plus other failed schedules in flight during R, less removals ended
+  // before R began (the epoch starts on an empty queue).
+  void check_refusals() {
+    std::vector<std::uint64_t> accepted_start, failed_start, failed_end, removed_end;
+    const auto gather = [&](const ThreadLog& log) {
+      for (const Event& e : log) {
+        if (e.op == Op::Schedule) {
+          if (e.ok) {
+            accepted_start.push_back(e.start);
+          } else {
+            failed_start.push_back(e.start);
+            failed_end.push_back(e.end);
+          }
+        } else if (e.ok && e.op != Op::Peek) {
+          removed_end.push_back(e.end);
+        }
+      }
+    };
+    for (const auto& w : workers_) gather(w.log);
+    gather(drain_log_);
+    for (auto* v : {&accepted_start, &failed_start, &failed_end, &removed_end}) std::sort(v->begin(), v->end());
+    const auto below = [](const std::vector<std::uint64_t>& v, std::uint64_t x) {
+      return static_cast<std::int64_t>(std::lower_bound(v.begin(), v.end(), x) - v.begin());
+    };
+    for (const auto& w : workers_) {
+      for (const Event& r : w.refusals) {
+        const std::int64_t others_in_flight = below(failed_start, r.end) - below(failed_end, r.start) - 1;  // not r itself
+        const std::int64_t most = below(accepted_start, r.end) + others_in_flight - below(removed_end, r.start);
+        if (most >= static_cast<std::int64_t>(cfg_.capacity)) continue;
+        found_.add(make_violation("queue_full", "schedule(" + std::to_string(r.id) + ")" + at(r.start, r.end) +
+                                                    " reported QueueFull, but len() was at most " + std::to_string(most) +
+                                                    " < capacity " + std::to_string(cfg_.capacity) + " during it",
+                                  {r.id}, {ref(r)}));
+      }
+    }
+  }
+
   ScheduledTask make_task(TaskId id) const {
     const std::uint64_t h = mix64(id ^ cfg_.seed);
     return ScheduledTask(id, tokens_of(id)).with_priority(static_cast<Priority>(h % 4)).preemptible((h >> 8) & 1);
@@ -241,7 +289,10 @@ class SchedulerRun {
             e.ok = !ec;
           });
           ok = !ec;
-          if (ec == ScheduleError::QueueFull) ++me.full;
+          if (ec == ScheduleError::QueueFull) {
+            ++me.full;
+            me.refusals.push_back(me.log.back());
+          }
           if (reuse() && ec == ScheduleError::DuplicateId) me.duplicates.push_back(me.log.back());
           if (ec && ec != ScheduleError::QueueFull && !(reuse() && ec == ScheduleError::DuplicateId)) {
             found_.add(make_violation("duplicate", "schedule(" + std::to_string(id) + ")" + at(me.log.back().start, me.log.back().end) +
@@ -286,6 +337,9 @@ class SchedulerRun {
           const std::uint64_t t0 = clock_.tick();
           const auto all = q_.clear();
           const std::uint64_t t1 = clock_.tick();
+          // The call itself, returning something or not: the clear check
+          // judges what it left (support/history.hpp).
+          me.log.push_back({Op::Clear, false, Priority::Normal, 0, t0, t1});
           for (const auto& t : all) {
             me.log.push_back({Op::Clear, true, t.priority, t.id, t0, t1});
             check_payload(t, me.log.back());
@@ -312,6 +366,7 @@ class SchedulerRun {
   // Every worker is parked: drain, check the epoch's history, start afresh.
   bool pause() {
     drain_log_.clear();
+    const std::size_t len_before = q_.len();  // exact: no call in flight
     const std::uint64_t t0 = clock_.tick();
     const auto all = q_.clear();
     const std::uint64_t t1 = clock_.tick();
@@ -320,6 +375,12 @@ class SchedulerRun {
       check_payload(t, drain_log_.back());
     }
     drained_ += all.size();
+    if (len_before != all.size()) {
+      found_.add(make_violation("len", "len() was " + std::to_string(len_before) + " with no call in flight, but clear()" + at(t0, t1) +
+                                           " then returned " + std::to_string(all.size()) + " tasks",
+                                {}, {{"clear", 0, t0, t1}}));
+    }
+    if (refusals_checked()) check_refusals();
     if (const std::size_t left = q_.len(); left != 0) {
       found_.add(make_violation("len", "len() is " + std::to_string(left) + " after clear()" + at(t0, t1) + " emptied the queue", {},
                                 {{"clear", 0, t0, t1}}));
@@ -332,6 +393,7 @@ class SchedulerRun {
     for (auto& w : workers_) {
       w.log.clear();  // keeps the capacity
       w.duplicates.clear();
+      w.refusals.clear();
     }
     return !found_.any();
   }
@@ -394,13 +456,18 @@ void run_scheduler_target(const Config& cfg_in, Report& r) {
       SchedulerRun<MoodycamelQueue>(cfg, q, r).run();
       break;
     }
-    case Target::BrokenDropping: {
-      DroppingQueue q(cfg.capacity, priority_mode, cfg.drop_every, true);
-      SchedulerRun<DroppingQueue>(cfg, q, r).run();
-      break;
-    }
-    case Target::BrokenDuplicates: {
-      DroppingQueue q(cfg.capacity, priority_mode, 0, false);
+    case Target::BrokenDropping:
+    case Target::BrokenDuplicates:
+    case Target::BrokenFull:
+    case Target::BrokenClear:
+    case Target::BrokenLen: {
+      DroppingQueue::Faults faults;
+      faults.drop_every = cfg.target == Target::BrokenDropping ? cfg.drop_every : 0;
+      faults.check_duplicates = cfg.target != Target::BrokenDuplicates;
+      faults.refuse_every = cfg.target == Target::BrokenFull ? cfg.drop_every : 0;
+      faults.clear_reversed = cfg.target == Target::BrokenClear;
+      faults.half_len = cfg.target == Target::BrokenLen;
+      DroppingQueue q(cfg.capacity, priority_mode, faults);
       SchedulerRun<DroppingQueue>(cfg, q, r).run();
       break;
     }

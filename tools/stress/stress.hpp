@@ -22,6 +22,9 @@ enum class Target {
   BrokenMoodycamel,  ///< per-priority moodycamel queues: not FIFO across producers
   BrokenDropping,    ///< a mutex queue that loses every task whose id is a multiple of drop_every
   BrokenDuplicates,  ///< a mutex queue that never reports DuplicateId (meant for --reuse-ids)
+  BrokenFull,        ///< a mutex queue that reports QueueFull for every task whose id is a multiple of drop_every
+  BrokenClear,       ///< a mutex queue whose clear() returns the tasks in the reverse of next()'s order
+  BrokenLen,         ///< a mutex queue whose len() reports half the tasks queued
   BrokenPool,        ///< a BlockPool that, every drop_every-th release of a shared block, drops a reference too many
   BrokenPoolOrder,   ///< a pool right in every count but with every atomic relaxed (caught under ThreadSanitizer only)
   BrokenEngine,      ///< an Engine whose plans leave out every drop_every-th preemption (when built)
