@@ -535,8 +535,8 @@ class HistoryChecker {
         ++i;
         continue;
       }
-      const Event* lowest = nullptr;                // schedule of the lowest priority returned so far
-      const Event* newest[4] = {};                  // per class: the latest-starting schedule returned so far
+      const Event* lowest = nullptr;  // schedule of the lowest priority returned so far
+      const Event* newest[4] = {};    // per class: the latest-starting schedule returned so far
       for (; i < events_.size() && events_[i].op == Op::Clear && events_[i].ok && events_[i].start == first.start &&
              events_[i].end == first.end;
            ++i) {
