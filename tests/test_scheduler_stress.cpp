@@ -43,15 +43,18 @@ void record_cancel(Scheduler& s, LogicalClock& clock, ThreadLog& log, TaskId id)
   });
 }
 
-// clear(), each task it returns logged as one removal within the call.
+// clear(), logged as a marker for the call (the checker judges what it left)
+// and each task it returns as one removal within the call.
 void record_clear(Scheduler& s, LogicalClock& clock, ThreadLog& log) {
   const std::uint64_t t0 = clock.tick();
   auto all = s.clear();
   const std::uint64_t t1 = clock.tick();
+  log.push_back({Op::Clear, false, Priority::Normal, 0, t0, t1});
   for (const auto& t : all) log.push_back({Op::Clear, true, t.priority, t.id, t0, t1});
 }
 
-// The history checker's verdict on every log, and the accepted schedules.
+// The history checker's verdict on every log (with the peek and payload
+// checks), and the accepted schedules.
 RunResult check_logs(const std::vector<ThreadLog>& logs, bool priority_mode) {
   RunResult r;
   HistoryChecker checker(priority_mode);
@@ -60,7 +63,9 @@ RunResult check_logs(const std::vector<ThreadLog>& logs, bool priority_mode) {
     for (const auto& e : l) r.accepted += e.op == Op::Schedule && e.ok;
   }
   r.events = checker.size();
-  r.violations = checker.check();
+  FindingOptions opt;
+  opt.extended = true;
+  for (Finding& f : checker.findings(opt).items) r.violations.push_back({std::move(f.kind), std::move(f.detail)});
   return r;
 }
 
