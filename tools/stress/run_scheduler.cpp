@@ -30,6 +30,11 @@ std::string at(std::uint64_t start, std::uint64_t end) {
 
 CallRef ref(const Event& e) { return {HistoryChecker::name(e.op), e.id, e.start, e.end}; }
 
+// How many stamps of the sorted `v` are below `x`.
+std::int64_t below(const std::vector<std::uint64_t>& v, std::uint64_t x) {
+  return static_cast<std::int64_t>(std::lower_bound(v.begin(), v.end(), x) - v.begin());
+}
+
 template <class Q>
 class SchedulerRun {
  public:
@@ -169,9 +174,6 @@ class SchedulerRun {
       }
     }
     gather(drain_log_);
-    const auto below = [](const std::vector<std::uint64_t>& v, std::uint64_t x) {
-      return static_cast<std::int64_t>(std::lower_bound(v.begin(), v.end(), x) - v.begin());
-    };
     for (TaskId id = 1; id <= cfg_.reuse_ids; ++id) {
       if (accepted[id] != removed[id]) continue;
       Spans& s = per[id];
@@ -227,9 +229,6 @@ class SchedulerRun {
     for (const auto& w : workers_) gather(w.log);
     gather(drain_log_);
     for (auto* v : {&accepted_start, &failed_start, &failed_end, &removed_end}) std::sort(v->begin(), v->end());
-    const auto below = [](const std::vector<std::uint64_t>& v, std::uint64_t x) {
-      return static_cast<std::int64_t>(std::lower_bound(v.begin(), v.end(), x) - v.begin());
-    };
     for (const auto& w : workers_) {
       for (const Event& r : w.refusals) {
         const std::int64_t others_in_flight = below(failed_start, r.end) - below(failed_end, r.start) - 1;  // not r itself
