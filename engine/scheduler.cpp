@@ -23,15 +23,21 @@ namespace detail {
 // earlier lap's task and head has not passed that task's ticket, with the
 // producer's ticket, just before it reads the task's state: a stall there
 // lets the task be taken and its bucket reused under the read. And after a
-// publish, with the ticket, before the state re-check. With g_hide_ticket_note
-// set, producers do not note their tickets (see publish()), as if cancel()
-// read the note before those stores became visible: it must then find the
-// cell by scanning.
+// publish, with the ticket, before the state re-check. And in the two
+// windows where a removal has claimed a task but not yet let go of it: a
+// consumer's next() or clear() between its TAKEN claim and moving head and
+// freeing the bucket (with the ticket), and a cancel() between its CANCELLED
+// claim and clearing the cell and freeing the capacity (with the id). With
+// g_hide_ticket_note set, producers do not note their tickets (see
+// publish()), as if cancel() read the note before those stores became
+// visible: it must then find the cell by scanning.
 void (*g_before_ticket_hook)(std::uint64_t unused) = nullptr;
 void (*g_after_ticket_hook)(std::uint64_t ticket) = nullptr;
 void (*g_take_pass_hook)(std::uint64_t head) = nullptr;
 void (*g_lapped_cell_hook)(std::uint64_t ticket) = nullptr;
 void (*g_published_hook)(std::uint64_t ticket) = nullptr;
+void (*g_taken_hook)(std::uint64_t ticket) = nullptr;
+void (*g_cancelled_hook)(std::uint64_t id) = nullptr;
 std::atomic<bool> g_hide_ticket_note{false};
 // Each reads its pointer once: a test may clear it while another thread
 // passes the hook.
@@ -45,6 +51,10 @@ std::atomic<bool> g_hide_ticket_note{false};
   if (auto* hook_ = g_lapped_cell_hook) hook_(t)
 #define TGI_GTC_PUBLISHED(t) \
   if (auto* hook_ = g_published_hook) hook_(t)
+#define TGI_GTC_TAKEN(t) \
+  if (auto* hook_ = g_taken_hook) hook_(t)
+#define TGI_GTC_CANCELLED(id) \
+  if (auto* hook_ = g_cancelled_hook) hook_(id)
 #define TGI_GTC_NOTE_HIDDEN() g_hide_ticket_note.load()
 #else
 #define TGI_GTC_BEFORE_TICKET()
@@ -52,6 +62,8 @@ std::atomic<bool> g_hide_ticket_note{false};
 #define TGI_GTC_TAKE_PASS(h)
 #define TGI_GTC_LAPPED_CELL(t)
 #define TGI_GTC_PUBLISHED(t)
+#define TGI_GTC_TAKEN(t)
+#define TGI_GTC_CANCELLED(id)
 #define TGI_GTC_NOTE_HIDDEN() false
 #endif
 
@@ -570,6 +582,7 @@ SchedulerCore::Take SchedulerCore::take_from(Ring& ring, std::uint64_t limit, bo
     if (!bucket.state.compare_exchange_strong(expected, with_st(st, kTaken))) continue;
     // The cell stays as it is: with head past it, it is stale (see publish).
     const std::uint64_t taken = h;  // a failed CAS below overwrites h
+    TGI_GTC_TAKEN(taken);
     ring.head.compare_exchange_strong(h, h + 1);
     prefetch_ahead(ring, taken, t);
     free_bucket(b, st);
@@ -746,6 +759,7 @@ restart:
     if (task.id != id) continue;
     std::uint64_t expected = st;
     if (!bucket.state.compare_exchange_strong(expected, with_st(st, kCancelled))) goto restart;
+    TGI_GTC_CANCELLED(id);
     // Clear its cell, if it is published. A tombstone left behind (its
     // producer clears it) is also cleared by the consumer that reaches it or
     // a producer lapping onto it.

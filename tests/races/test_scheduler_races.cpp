@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <set>
 #include <thread>
 #include <vector>
@@ -22,6 +23,8 @@ extern void (*g_after_ticket_hook)(std::uint64_t ticket);
 extern void (*g_take_pass_hook)(std::uint64_t head);
 extern void (*g_lapped_cell_hook)(std::uint64_t ticket);
 extern void (*g_published_hook)(std::uint64_t ticket);
+extern void (*g_taken_hook)(std::uint64_t ticket);
+extern void (*g_cancelled_hook)(std::uint64_t id);
 extern std::atomic<bool> g_hide_ticket_note;
 }
 
@@ -44,6 +47,18 @@ struct Stall : StallAt<0> {
 // ticket.
 struct LappedStall : StallAt<1> {
   LappedStall() : StallAt<1>(detail::g_lapped_cell_hook) {}
+};
+
+// Stalls the first consumer (next() or clear()) that claims a task, before it
+// moves head and frees the task's bucket and capacity; held_at is its ticket.
+struct TakenStall : StallAt<2> {
+  TakenStall() : StallAt<2>(detail::g_taken_hook) {}
+};
+
+// Stalls the first cancel() that claims a task, before it clears the task's
+// cell and frees its capacity; held_at is the task's id.
+struct CancelledStall : StallAt<3> {
+  CancelledStall() : StallAt<3>(detail::g_cancelled_hook) {}
 };
 
 // schedule(task) on a thread of its own; returned() says whether it has.
@@ -696,4 +711,79 @@ TEST_CASE("a Critical producer in flight when next() passed its ring, published 
   CHECK(got->id == 1);
   CHECK(next_task(s) == 2);
   CHECK_FALSE(s.next());
+}
+
+TEST_CASE("a task its consumer has claimed but not let go of: cancel misses it, later calls pass it, its id is free") {
+  // next() takes a task with one CAS on its state (TAKEN); moving head past
+  // its cell, freeing its bucket and its capacity come after. Stalled in
+  // between, the task is removed for every other call, yet still counted by
+  // len() (a removal counts until it returns) and its bucket is not free.
+  Scheduler s(SchedulerConfig::with_max_queue(3));
+  REQUIRE_FALSE(s.schedule(ScheduledTask(1, 10)));
+  REQUIRE_FALSE(s.schedule(ScheduledTask(2, 20)));
+  TakenStall stall;
+  std::optional<ScheduledTask> first;
+  std::thread consumer([&] { first = s.next(); });
+  stall.wait_held();
+  CHECK(TakenStall::held_at.load() == 0);  // the first ticket of the Normal ring
+  CHECK_FALSE(s.cancel(1));                // removed by the stalled next()
+  CHECK(s.len() == 2);
+  const auto p = s.peek();
+  REQUIRE(p);
+  CHECK(p->id == 2);
+  CHECK_FALSE(s.schedule(ScheduledTask(1, 30)));  // id 1 is not queued any more
+  CHECK(s.schedule(ScheduledTask(4, 10)) == ScheduleError::QueueFull);  // 2 queued + 1 being removed
+  CHECK(next_task(s) == 2);  // passes the claimed task's cell
+  const auto again = s.next();
+  REQUIRE(again);
+  CHECK(again->id == 1);
+  CHECK(again->estimated_tokens == 30);
+  CHECK_FALSE(s.next());
+  CHECK(s.len() == 1);
+  stall.release();
+  consumer.join();
+  REQUIRE(first);
+  CHECK(first->id == 1);
+  CHECK(first->estimated_tokens == 10);
+  CHECK(s.len() == 0);
+  CHECK_FALSE(s.schedule(ScheduledTask(4, 10)));  // the capacity is back
+}
+
+TEST_CASE("a cancel that has claimed its task but not cleared its cell: next passes the tombstone, the id's new task survives") {
+  // cancel() claims a task with one CAS on its state (CANCELLED); clearing its
+  // cell (which frees the bucket) and freeing its capacity come after.
+  // Stalled in between, the cell is a tombstone that next() clears and
+  // passes, and the id may be scheduled again, in a new bucket or, once the
+  // tombstone is cleared, in the same one. The resumed cancel must then leave
+  // the new task's cell alone.
+  Scheduler s;
+  REQUIRE_FALSE(s.schedule(ScheduledTask(1, 10)));
+  REQUIRE_FALSE(s.schedule(ScheduledTask(2, 20)));
+  CancelledStall stall;
+  std::optional<ScheduledTask> cancelled;
+  std::thread canceller([&] { cancelled = s.cancel(1); });
+  stall.wait_held();
+  CHECK(CancelledStall::held_at.load() == 1);
+  CHECK_FALSE(s.cancel(1));  // claimed already
+  CHECK(s.len() == 2);       // counted until the cancel returns
+  SUBCASE("rescheduled while the tombstone holds the old bucket") {
+    CHECK_FALSE(s.schedule(ScheduledTask(1, 30)));
+    CHECK(next_task(s) == 2);  // clears the tombstone on its way
+  }
+  SUBCASE("rescheduled after next() cleared the tombstone and freed the bucket") {
+    CHECK(next_task(s) == 2);
+    CHECK_FALSE(s.schedule(ScheduledTask(1, 30)));
+  }
+  CHECK(s.len() == 2);  // the new task 1, and the cancel in flight
+  stall.release();
+  canceller.join();
+  REQUIRE(cancelled);
+  CHECK(cancelled->id == 1);
+  CHECK(cancelled->estimated_tokens == 10);
+  CHECK(s.len() == 1);
+  const auto again = s.next();
+  REQUIRE(again);
+  CHECK(again->id == 1);
+  CHECK(again->estimated_tokens == 30);
+  CHECK(s.is_empty());
 }

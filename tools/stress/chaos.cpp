@@ -17,6 +17,8 @@ extern void (*g_after_ticket_hook)(std::uint64_t ticket);
 extern void (*g_take_pass_hook)(std::uint64_t head);
 extern void (*g_lapped_cell_hook)(std::uint64_t ticket);
 extern void (*g_published_hook)(std::uint64_t ticket);
+extern void (*g_taken_hook)(std::uint64_t ticket);
+extern void (*g_cancelled_hook)(std::uint64_t id);
 extern void (*g_admit_peeked_hook)(std::uint64_t id);
 }  // namespace tgi_gtc::scheduling::detail
 
@@ -93,6 +95,8 @@ void set_hooks(void (*hook)(std::uint64_t)) {
   lib::g_take_pass_hook = hook;
   lib::g_lapped_cell_hook = hook;
   lib::g_published_hook = hook;
+  lib::g_taken_hook = hook;
+  lib::g_cancelled_hook = hook;
   lib::g_admit_peeked_hook = hook;
 }
 

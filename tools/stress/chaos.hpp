@@ -2,14 +2,18 @@
 // Engine, at the points where a stall matters most.
 //
 // sched-stress-chaos links a copy of the library compiled with
-// TGI_GTC_TEST_HOOKS, whose Scheduler calls four hooks (engine/scheduler.cpp):
+// TGI_GTC_TEST_HOOKS, whose Scheduler calls seven hooks (engine/scheduler.cpp):
 // before a producer takes a ring ticket, between taking the ticket and
-// publishing the task (while the ticket is open), when a producer's cell
-// still holds an earlier lap's task that head has not passed (before it reads
-// that task's state), and on each pass of a consumer over a ring, just after
-// it read the head; its Engine calls a fifth (engine/engine.cpp) when step()
-// has peeked a waiting task and is about to take it, the window in which a
-// producer's cancel races the admission. At one hook call in `every`, drawn at random per thread,
+// publishing the task (while the ticket is open), just after the publish
+// (before the producer re-reads the task's state for a cancel), when a
+// producer's cell still holds an earlier lap's task that head has not passed
+// (before it reads that task's state), on each pass of a consumer over a
+// ring, just after it read the head, when a consumer has claimed a task
+// (TAKEN) but not yet moved head or freed the bucket, and when a cancel has
+// claimed one (CANCELLED) but not yet cleared its cell; its Engine calls an
+// eighth (engine/engine.cpp) when step() has peeked a waiting task and is
+// about to take it, the window in which a producer's cancel races the
+// admission. At one hook call in `every`, drawn at random per thread,
 // the calling thread yields its core (3 in 4 of those calls), spins for 1 to
 // 2,048 pause instructions (about 1 in 4), or sleeps 50 to 500 us (1 in 64).
 // Without it, on a machine with few cores, a thread nearly always runs those

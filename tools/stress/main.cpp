@@ -68,8 +68,9 @@ int main(int argc, char** argv) {
   std::uint32_t chaos_every = 8;
   app.add_option("--chaos", chaos_every,
                  "stall the calling thread (yield, spin or sleep) at one in N of the Scheduler's test hook calls: before "
-                 "and after taking a ring ticket, after publishing it, on meeting an earlier lap's task in its cell, and "
-                 "at each consumer pass over a ring; 0: never")
+                 "and after taking a ring ticket, after publishing it, on meeting an earlier lap's task in its cell, "
+                 "at each consumer pass over a ring, after a consumer's or a cancel's claim of a task (before it lets "
+                 "go of it), and (engine) before step() takes a task it peeked; 0: never")
       ->capture_default_str();
 #endif
 
