@@ -107,6 +107,11 @@ GeneratedTrace generate(const GeneratorConfig& config, const CostModel& cost, co
   }
   // Whole microseconds: the CSV then holds exactly what was simulated.
   for (Request& r : out.requests) r.arrival_ms = std::round(r.arrival_ms * 1000.0) / 1000.0;
+  if (const double last = out.requests.back().arrival_ms; !(last <= kMaxTimeMs)) {
+    throw std::invalid_argument("at " + shortest(out.rate_rps) + " req/s the last of " +
+                                std::to_string(out.requests.size()) + " arrivals would come at " + shortest(last) +
+                                " ms, beyond the simulator's limit of 1e12 ms: raise the rate");
+  }
   return out;
 }
 

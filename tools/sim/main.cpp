@@ -31,23 +31,27 @@ constexpr std::size_t kMaxIssuesShown = 50;
 
 void add_model_options(CLI::App& app, ServerConfig& s, CostModel& c) {
   const auto positive = CLI::PositiveNumber;
-  const auto non_negative = CLI::NonNegativeNumber;
+  // A time in ms the simulated clock can hold (NaN fails the comparison too).
+  const CLI::Validator cost_ms(
+      [](std::string& text) -> std::string {
+        double v = 0;
+        const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+        if (ec != std::errc{} || end != text.data() + text.size() || !(v >= 0 && v <= kMaxTimeMs)) {
+          return "must be a number of ms in [0, 1e12]";
+        }
+        return {};
+      },
+      "MS in [0, 1e12]");
   app.add_option("--device-blocks", s.device_blocks, "KV blocks on the GPU")->capture_default_str()->check(positive)->group("Server");
   app.add_option("--host-blocks", s.host_blocks, "KV blocks in host memory (swap policy only)")->capture_default_str()->group("Server");
   app.add_option("--block-size", s.block_size, "tokens per KV block")->capture_default_str()->check(positive)->group("Server");
   app.add_option("--max-running", s.max_running, "most sequences in a batch")->capture_default_str()->check(positive)->group("Server");
   app.add_option("--max-step-tokens", s.max_step_tokens, "prefill token budget per step")->capture_default_str()->check(positive)->group("Server");
   app.add_option("--max-queue", s.max_queue, "waiting queue size; later arrivals are rejected")->capture_default_str()->check(positive)->group("Server");
-  app.add_option("--base-ms", c.base_ms, "step cost: fixed part")->capture_default_str()->check(non_negative)->group("Cost model");
-  app.add_option("--prefill-ms-per-token", c.prefill_ms_per_token, "step cost per prefilled token")->capture_default_str()->check(non_negative)->group("Cost model");
-  app.add_option("--decode-ms-per-seq", c.decode_ms_per_seq, "step cost per decoding sequence")->capture_default_str()->check(non_negative)->group("Cost model");
-  app.add_option("--swap-ms-per-block", c.swap_ms_per_block, "step cost per KV block copied to or from the host")->capture_default_str()->check(non_negative)->group("Cost model");
-}
-
-std::string shortest(double v) {
-  char buf[64];
-  const auto r = std::to_chars(buf, buf + sizeof buf, v);
-  return std::string(buf, r.ptr);
+  app.add_option("--base-ms", c.base_ms, "step cost: fixed part")->capture_default_str()->check(cost_ms)->group("Cost model");
+  app.add_option("--prefill-ms-per-token", c.prefill_ms_per_token, "step cost per prefilled token")->capture_default_str()->check(cost_ms)->group("Cost model");
+  app.add_option("--decode-ms-per-seq", c.decode_ms_per_seq, "step cost per decoding sequence")->capture_default_str()->check(cost_ms)->group("Cost model");
+  app.add_option("--swap-ms-per-block", c.swap_ms_per_block, "step cost per KV block copied to or from the host")->capture_default_str()->check(cost_ms)->group("Cost model");
 }
 
 // The full generate command for a config, written into the trace it produced.
@@ -73,12 +77,11 @@ std::string describe_generation(const GeneratorConfig& g, const ServerConfig& s,
 }
 
 int print_trace_error(const TraceError& e) {
-  std::cerr << "sched-sim: " << e.source() << ": " << e.issues().size()
-            << (e.issues().size() == 1 ? " bad line" : " bad lines") << "; nothing was simulated\n";
+  std::cerr << "sched-sim: " << e.source() << ": " << count_issues(e.issues()) << "; nothing was simulated\n";
   std::size_t shown = 0;
   for (const TraceIssue& i : e.issues()) {
     if (shown++ == kMaxIssuesShown) {
-      std::cerr << "  ... and " << e.issues().size() - kMaxIssuesShown << " more\n";
+      std::cerr << "  ... and " << e.issues().size() - kMaxIssuesShown << " more problems\n";
       break;
     }
     std::cerr << e.source() << ':' << i.line << ": " << i.message << '\n';
@@ -92,6 +95,8 @@ int main(int argc, char** argv) {
   CLI::App app{"sched-sim: replays an LLM serving trace through the tgi_gtc scheduling Engine on a virtual clock\n"
                "and compares FIFO, priority, and priority with preemption by swap or by recompute."};
   app.require_subcommand(0, 1);
+  app.footer("Exit status: 0 when every policy finished; 3 when a policy did not finish (its '!' line says why);\n"
+             "another non-zero status on bad input or options (nothing is simulated).");
 
   // Run options (the default command).
   ServerConfig server;
@@ -216,6 +221,8 @@ int main(int argc, char** argv) {
     }
     bar.clear();
     print_table(std::cout, results);
+    const bool all_finished =
+        std::all_of(results.begin(), results.end(), [](const PolicyResult& r) { return r.failure.empty(); });
     if (!json_path.empty()) {
       std::ofstream out(json_path);
       if (!out) throw std::runtime_error("cannot write " + json_path);
@@ -224,7 +231,7 @@ int main(int argc, char** argv) {
       if (!out) throw std::runtime_error("error writing " + json_path);
       if (!quiet) std::cout << "\nwrote " << json_path << '\n';
     }
-    return 0;
+    return all_finished ? 0 : 3;  // 3: a policy did not finish (its "!" line says why)
   } catch (const TraceError& e) {
     return print_trace_error(e);
   } catch (const std::exception& e) {

@@ -2,21 +2,32 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
+#include <utility>
 
 #include "trace.hpp"
 
 namespace tgi_gtc::sim {
 
 Nanos ms_to_nanos(double ms) {
-  if (!std::isfinite(ms) || ms < 0 || ms > 1e12) throw std::invalid_argument("time must be in [0, 1e12] ms");
+  if (!std::isfinite(ms) || ms < 0 || ms > kMaxTimeMs) throw std::invalid_argument("time must be in [0, 1e12] ms");
   return static_cast<Nanos>(std::llround(ms * static_cast<double>(kNanosPerMs)));
 }
 
 Nanos CostModel::step(std::uint64_t prefill_tokens, std::uint64_t decoding, std::uint64_t blocks_copied) const {
-  return ms_to_nanos(base_ms) + ms_to_nanos(prefill_ms_per_token) * static_cast<Nanos>(prefill_tokens) +
-         ms_to_nanos(decode_ms_per_seq) * static_cast<Nanos>(decoding) +
-         ms_to_nanos(swap_ms_per_block) * static_cast<Nanos>(blocks_copied);
+  Nanos total = ms_to_nanos(base_ms);
+  const std::pair<double, std::uint64_t> terms[] = {
+      {prefill_ms_per_token, prefill_tokens}, {decode_ms_per_seq, decoding}, {swap_ms_per_block, blocks_copied}};
+  for (const auto& [ms, count] : terms) {
+    Nanos part = 0;
+    if (count > static_cast<std::uint64_t>(kMaxNanos) ||
+        __builtin_mul_overflow(ms_to_nanos(ms), static_cast<Nanos>(count), &part) ||
+        __builtin_add_overflow(total, part, &total)) {
+      return std::numeric_limits<Nanos>::max();
+    }
+  }
+  return total;
 }
 
 std::string_view to_string(Policy p) {

@@ -21,7 +21,14 @@ using Nanos = std::int64_t;
 
 inline constexpr Nanos kNanosPerMs = 1'000'000;
 
-/// Milliseconds (as given on the command line) to simulated nanoseconds, rounded.
+/// The simulated clock's range, about 31 years: every arrival, cost term and
+/// instant of a run must lie in [0, kMaxTimeMs] ms. Ten times it still fits a
+/// Nanos, so sums of two in-range times cannot overflow.
+inline constexpr double kMaxTimeMs = 1e12;
+inline constexpr Nanos kMaxNanos = static_cast<Nanos>(kMaxTimeMs) * kNanosPerMs;
+
+/// Milliseconds (as given on the command line) to simulated nanoseconds,
+/// rounded; std::invalid_argument outside [0, kMaxTimeMs].
 Nanos ms_to_nanos(double ms);
 inline double nanos_to_ms(Nanos ns) { return static_cast<double>(ns) / kNanosPerMs; }
 
@@ -38,7 +45,8 @@ struct CostModel {
   double swap_ms_per_block = 0.3;
 
   /// Duration of a step that prefills `prefill_tokens`, decodes `decoding`
-  /// sequences and copies `blocks_copied` KV blocks.
+  /// sequences and copies `blocks_copied` KV blocks; the largest Nanos when it
+  /// would not fit one.
   [[nodiscard]] Nanos step(std::uint64_t prefill_tokens, std::uint64_t decoding,
                            std::uint64_t blocks_copied) const;
 };

@@ -32,8 +32,16 @@ def by_priority(policy):
     return {p["priority"]: p for p in policy["priorities"]}
 
 
+def seconds_text(v):
+    # Two significant digits at least: 0.007 s must not read 0.01.
+    if v < 0.1:
+        return f"{v:.3f}"
+    return f"{v:.2f}" if v < 10 else f"{v:.0f}"
+
+
 def bar_chart(ax, policies):
     width = 0.8 / max(1, len(policies))
+    missing = []  # (x, bar) of the priorities with no completed request
     for k, policy in enumerate(policies):
         rows = by_priority(policy)
         values = [seconds(rows[p]["ttft_ms"]["p99"]) if p in rows else None for p in PRIORITIES]
@@ -41,13 +49,20 @@ def bar_chart(ax, policies):
         heights = [v if v is not None else 0 for v in values]
         bars = ax.bar(xs, heights, width, label=label(policy), color=COLORS[k % len(COLORS)])
         for bar, v in zip(bars, values):
-            text = "none done" if v is None else (f"{v:.2f}" if v < 10 else f"{v:.0f}")
-            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, max(bar.get_height(), 1e-3)),
+            if v is None:
+                missing.append(bar)
+                continue
+            ax.annotate(seconds_text(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
     ax.set_yscale("log")
     # Headroom above the tallest bar for the legend.
     bottom, top = ax.get_ylim()
     ax.set_ylim(bottom, top * 30)
+    # A bar of no height has nothing to stand on in a log scale: its label
+    # goes on the axis floor, which is known only now.
+    for bar in missing:
+        ax.annotate("none done", (bar.get_x() + bar.get_width() / 2, bottom), ha="center", va="bottom",
+                    fontsize=7, rotation=90, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(PRIORITIES)), PRIORITIES)
     ax.set_ylabel("time to first token p99 (s, log)")
     ax.set_title("Time to first token, 99th percentile, by priority")
@@ -73,6 +88,7 @@ def cdf_panel(ax, policies, priority, key, xlabel):
     ax.tick_params(labelsize=7)
     if levels is None:
         ax.text(0.5, 0.5, "no completed requests", ha="center", va="center", transform=ax.transAxes)
+    return levels is not None
 
 
 def main(argv):
@@ -89,13 +105,15 @@ def main(argv):
     bar_chart(fig.add_subplot(grid[0, :]), policies)
     for row, (key, label) in enumerate([("ttft_cdf_ms", "time to first token (s)"),
                                         ("e2e_cdf_ms", "end-to-end latency (s)")], start=1):
+        legend_drawn = row != 1  # one legend, on the first panel of the top row with lines
         for col, priority in enumerate(PRIORITIES):
             ax = fig.add_subplot(grid[row, col])
-            cdf_panel(ax, policies, priority, key, label)
+            has_lines = cdf_panel(ax, policies, priority, key, label)
             if col == 0:
                 ax.set_ylabel("share of completed requests", fontsize=8)
-            if row == 1 and col == 0:
+            if has_lines and not legend_drawn:
                 ax.legend(fontsize=7, loc="lower right")
+                legend_drawn = True
     load = trace["offered_rps"] / trace["capacity_rps"] if trace["capacity_rps"] else math.nan
     fig.suptitle(f"sched-sim: {trace['requests']} requests from {trace['path'].split('/')[-1]}, "
                  f"offered {trace['offered_rps']:.1f} req/s (about {load:.2f}x estimated capacity)")

@@ -113,7 +113,7 @@ double offered_rps(std::span<const Request> requests) {
 
 void print_header(std::ostream& out, const RunInfo& info) {
   out << "trace: " << info.trace_path << " (" << to_string(info.format) << ", " << info.requests << " requests";
-  if (info.rate_scale != 1.0) out << ", arrival rate x" << fixed(info.rate_scale, 2);
+  if (info.rate_scale != 1.0) out << ", arrival rate x" << shortest(info.rate_scale);
   out << ")\n";
   if (!info.priority_note.empty()) out << "priorities: " << info.priority_note << '\n';
   out << "offered " << fixed(info.offered_rps, 2) << " req/s; estimated capacity " << fixed(info.capacity_rps, 2)
@@ -166,7 +166,7 @@ void write_json(std::ostream& out, const RunInfo& info, std::span<const PolicyRe
   out << "{\n  \"tool\": \"sched-sim\",\n"
       << "  \"trace\": {\"path\": " << json_string(info.trace_path) << ", \"format\": "
       << json_string(to_string(info.format)) << ", \"requests\": " << info.requests
-      << ", \"priority_note\": " << json_string(info.priority_note) << ", \"rate_scale\": " << fixed(info.rate_scale, 4)
+      << ", \"priority_note\": " << json_string(info.priority_note) << ", \"rate_scale\": " << shortest(info.rate_scale)
       << ", \"offered_rps\": " << fixed(info.offered_rps, 3) << ", \"capacity_rps\": " << fixed(info.capacity_rps, 3)
       << "},\n"
       << "  \"server\": {\"device_blocks\": " << s.device_blocks << ", \"host_blocks\": " << s.host_blocks

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <limits>
 #include <stdexcept>
 
@@ -46,6 +47,7 @@ class Run {
     result_.policy = policy;
     for (std::size_t i = 0; i < requests.size(); ++i) {
       live_[i].arrival = ms_to_nanos(requests[i].arrival_ms);
+      if (i == 0) start_ = now_ = live_[i].arrival;
       if (i > 0 && live_[i].arrival < live_[i - 1].arrival) {
         throw std::invalid_argument("simulate: requests must be sorted by arrival");
       }
@@ -56,6 +58,7 @@ class Run {
   PolicyResult run() {
     while (resolved_ < requests_.size()) {
       if (running_.empty() && engine_idle() && next_ < requests_.size()) now_ = std::max(now_, live_[next_].arrival);
+      resubmit_evicted();
       submit_arrivals();
       if (resolved_ == requests_.size()) break;  // the last arrivals were all rejected
 
@@ -109,7 +112,8 @@ class Run {
           continue;
         }
         fail("no task can run and none will arrive: " + std::to_string(stats.waiting) + " waiting, " +
-             std::to_string(stats.paused) + " paused");
+             std::to_string(stats.paused) + " paused, " + std::to_string(evicted_.size()) +
+             " evicted and not yet resubmitted");
         break;
       }
 
@@ -137,6 +141,11 @@ class Run {
 
       const std::uint64_t decoding = ready - prefilling;
       const Nanos duration = cost_.step(prefill, decoding, copied);
+      if (duration > kMaxNanos - now_) {
+        fail("the simulated clock would pass " + std::to_string(static_cast<long long>(kMaxTimeMs)) +
+             " ms: the cost model makes steps too long for the trace");
+        break;
+      }
       now_ += duration;
       result_.busy += duration;
       result_.prefill_time += cost_.step(prefill, 0, 0) - cost_.step(0, 0, 0);
@@ -196,10 +205,32 @@ class Run {
     ++resolved_;
   }
 
+  // Submits the evicted tasks that found the waiting queue full, oldest
+  // eviction first, until one finds it full again. They were accepted
+  // already: the serving loop keeps them, it does not reject them.
+  void resubmit_evicted() {
+    while (!evicted_.empty()) {
+      if (!submit_evicted(evicted_.front())) return;
+      evicted_.pop_front();
+    }
+  }
+
+  // false: the waiting queue is full.
+  bool submit_evicted(std::size_t i) {
+    const Request& r = requests_[i];
+    const auto task = ScheduledTask(task_id(i), tokens(i)).with_priority(r.priority).preemptible(r.preemptible);
+    const std::error_code ec = engine_.submit(task);
+    if (ec == ScheduleError::QueueFull) return false;
+    if (ec) throw std::logic_error("Engine::submit of an evicted task: " + ec.message());
+    return true;
+  }
+
   // Cancels one running task and submits it again with its tokens so far, as
   // a serving loop must when the engine cannot free a block: the one that
   // loses least, i.e. preemptible before not, lowest priority first (with
-  // priority scheduling on), newest admission first.
+  // priority scheduling on), newest admission first. If the waiting queue is
+  // full the loop holds the task and submits it again before any new
+  // arrival (resubmit_evicted).
   void evict() {
     const bool by_priority = engine_.config().scheduler.priority_scheduling;
     const auto rank = [&](std::size_t i) {
@@ -217,14 +248,7 @@ class Run {
     l.stalled = false;
     l.state = State::Waiting;
     ++cls(i).evictions;
-    const Request& r = requests_[i];
-    const auto task = ScheduledTask(task_id(i), tokens(i)).with_priority(r.priority).preemptible(r.preemptible);
-    const std::error_code ec = engine_.submit(task);
-    if (ec == ScheduleError::QueueFull) {
-      reject(i, true);
-    } else if (ec) {
-      throw std::logic_error("Engine::submit of an evicted task: " + ec.message());
-    }
+    if (!evicted_.empty() || !submit_evicted(i)) evicted_.push_back(i);
   }
 
   std::uint64_t tokens(std::size_t i) const { return std::uint64_t{requests_[i].prompt_tokens} + live_[i].generated; }
@@ -254,7 +278,7 @@ class Run {
       ++c.completed;
       c.ttft_ms.push_back(nanos_to_ms(l.first_token - l.arrival));
       c.e2e_ms.push_back(nanos_to_ms(now_ - l.arrival));
-      result_.makespan = std::max(result_.makespan, now_);
+      result_.makespan = std::max(result_.makespan, now_ - start_);
       ++resolved_;
       finished = true;
     }
@@ -266,7 +290,7 @@ class Run {
   }
 
   void finish_stats() {
-    result_.makespan = std::max(result_.makespan, now_);
+    result_.makespan = std::max(result_.makespan, now_ - start_);
     for (ClassStats& c : result_.by_priority) {
       std::sort(c.ttft_ms.begin(), c.ttft_ms.end());
       std::sort(c.e2e_ms.begin(), c.e2e_ms.end());
@@ -287,6 +311,8 @@ class Run {
   std::size_t next_ = 0;              // first request not yet submitted
   std::size_t resolved_ = 0;          // completed or rejected
   std::uint64_t idle_steps_ = 0;      // consecutive steps in which no task decoded
+  std::deque<std::size_t> evicted_;  // evicted tasks the full waiting queue refused, oldest first
+  Nanos start_ = 0;                   // the first arrival
   Nanos now_ = 0;
   long double kv_block_time_ = 0;     // sum of blocks in use x step duration
   PolicyResult result_;
@@ -311,7 +337,9 @@ PolicyResult simulate(std::span<const Request> requests, Policy policy, const Se
 
 double percentile(std::span<const double> sorted, double p) {
   if (sorted.empty()) return std::numeric_limits<double>::quiet_NaN();
-  const double rank = std::ceil(p / 100.0 * static_cast<double>(sorted.size()));
+  // p% of n, less a rounding allowance: 7% of 100 is 7.000000000000001 in
+  // binary floating point, and its ceiling would pick the 8th value.
+  const double rank = std::ceil(p * static_cast<double>(sorted.size()) / 100.0 - 1e-9);
   const auto i = static_cast<std::size_t>(std::clamp(rank, 1.0, static_cast<double>(sorted.size())));
   return sorted[i - 1];
 }

@@ -13,7 +13,9 @@
 // only non-preemptible tasks left) no block would ever come back: the
 // simulated serving loop then cancels one task (preemptible first, lowest
 // priority, newest) and resubmits it with its tokens so far, to be prefilled
-// again. ClassStats::evictions counts these.
+// again. ClassStats::evictions counts these. One that finds the waiting queue
+// full is held by the loop and resubmitted before any new arrival, never
+// rejected: rejected_queue_full counts arrivals only.
 #pragma once
 
 #include <array>
@@ -33,7 +35,7 @@ namespace tgi_gtc::sim {
 struct ClassStats {
   std::size_t requests = 0;             ///< in the trace
   std::size_t completed = 0;
-  std::size_t rejected_queue_full = 0;  ///< submit() said QueueFull
+  std::size_t rejected_queue_full = 0;  ///< submit() of its arrival said QueueFull
   std::size_t rejected_too_large = 0;   ///< prompt + output exceed the device pool (ExceedsCapacity)
   std::vector<double> ttft_ms;          ///< completed requests, sorted ascending
   std::vector<double> e2e_ms;           ///< completed requests, sorted ascending
@@ -48,7 +50,7 @@ struct PolicyResult {
   Policy policy = Policy::Fifo;
   std::array<ClassStats, 4> by_priority{};  ///< indexed by scheduling::value(priority)
   std::uint64_t steps = 0;
-  Nanos makespan = 0;           ///< time 0 (first arrival) to the last completion
+  Nanos makespan = 0;           ///< the first arrival to the last completion (or to the end of a failed run)
   Nanos busy = 0;               ///< sum of step durations
   Nanos prefill_time = 0;       ///< parts of `busy` by cost term
   Nanos decode_time = 0;

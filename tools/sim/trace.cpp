@@ -3,11 +3,15 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <istream>
 #include <limits>
 #include <numbers>
 #include <ostream>
+#include <set>
+
+#include "model.hpp"
 
 namespace tgi_gtc::sim {
 
@@ -87,6 +91,10 @@ std::optional<double> parse_ms(std::string_view field, std::string& why) {
     why = "arrival_ms " + quoted(field) + " is negative";
     return std::nullopt;
   }
+  if (v > kMaxTimeMs) {
+    why = "arrival_ms " + quoted(field) + " is beyond the simulator's limit of 1e12 ms";
+    return std::nullopt;
+  }
   return v;
 }
 
@@ -125,10 +133,12 @@ std::optional<std::int64_t> parse_timestamp(std::string_view s) {
   }
   const auto y = digits(0, 4), mo = digits(5, 2), d = digits(8, 2);
   const auto h = digits(11, 2), mi = digits(14, 2), sec = digits(17, 2);
-  if (!y || !mo || !d || !h || !mi || !sec || *mo < 1 || *mo > 12 || *d < 1 || *d > 31 || *h > 23 ||
-      *mi > 59 || *sec > 60) {
+  if (!y || !mo || !d || !h || !mi || !sec || *mo < 1 || *mo > 12 || *d < 1 || *h > 23 || *mi > 59 || *sec > 60) {
     return std::nullopt;
   }
+  const bool leap = (*y % 4 == 0 && *y % 100 != 0) || *y % 400 == 0;
+  constexpr unsigned kDays[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+  if (*d > kDays[*mo - 1] + (*mo == 2 && leap ? 1 : 0)) return std::nullopt;
   std::int64_t frac_ns = 0;
   if (s.size() > 19) {
     if (s[19] != '.' || s.size() == 20) return std::nullopt;
@@ -155,7 +165,9 @@ class Parser {
     std::optional<std::int64_t> first_ns;
     while (std::getline(in, text)) {
       ++line_no;
-      const std::string_view line = trim(text);
+      std::string_view line = trim(text);
+      // A UTF-8 byte-order mark (spreadsheets write one) is not part of the header.
+      if (line_no == 1 && line.starts_with("\xEF\xBB\xBF")) line = trim(line.substr(3));
       if (line.empty() || line.front() == '#') continue;
       const auto fields = split(line);
       if (!have_header) {
@@ -170,6 +182,11 @@ class Parser {
         azure_row(fields, line_no, first_ns);
       }
     }
+    // getline stops at a read error as at the end: tell them apart, or the
+    // rest of the file would be lost without a word.
+    if (in.bad()) {
+      throw std::runtime_error(std::string(source_) + ": read error after line " + std::to_string(line_no));
+    }
     if (!have_header) issue(line_no == 0 ? 1 : line_no, "empty trace: expected the header " + quoted(kCsvHeader));
     if (have_header && issues_.empty() && trace_.requests.empty()) {
       issue(header_line_, "the trace has a header but no requests");
@@ -177,7 +194,7 @@ class Parser {
     if (!issues_.empty()) throw TraceError(std::string(source_), std::move(issues_));
     trace_.format = format;
     if (format == TraceFormat::Azure) {
-      trace_.priority_note = "priorities drawn by seeded mix " + mix_.mix.to_string() + " (seed " +
+      trace_.priority_note = "drawn by seeded mix " + mix_.mix.to_string() + " (seed " +
                              std::to_string(mix_.seed) + "), " +
                              std::to_string(static_cast<int>(std::lround(mix_.preemptible_fraction * 100))) +
                              "% preemptible";
@@ -270,12 +287,28 @@ class Parser {
 };
 
 std::string summarize(const std::string& source, const std::vector<TraceIssue>& issues) {
-  std::string s = source + ": " + std::to_string(issues.size()) + (issues.size() == 1 ? " bad line" : " bad lines");
+  std::string s = source + ": " + count_issues(issues);
   if (!issues.empty()) s += " (first: line " + std::to_string(issues.front().line) + ": " + issues.front().message + ")";
   return s;
 }
 
 }  // namespace
+
+std::string shortest(double v) {
+  char buf[64];
+  const auto r = std::to_chars(buf, buf + sizeof buf, v);
+  return std::string(buf, r.ptr);
+}
+
+std::string count_issues(const std::vector<TraceIssue>& issues) {
+  std::set<std::size_t> lines;
+  for (const TraceIssue& i : issues) lines.insert(i.line);
+  const auto plural = [](std::size_t n, const char* one, const char* many) {
+    return std::to_string(n) + (n == 1 ? one : many);
+  };
+  if (lines.size() == issues.size()) return plural(issues.size(), " bad line", " bad lines");
+  return plural(issues.size(), " problem", " problems") + " on " + plural(lines.size(), " line", " lines");
+}
 
 std::optional<Priority> parse_priority(std::string_view name) {
   for (const Priority p : kPrioritiesHighFirst) {
@@ -372,6 +405,8 @@ Trace parse_trace(std::istream& in, std::string_view source, TraceFormat format,
 }
 
 Trace load_trace(const std::string& path, TraceFormat format, const MixOptions& mix) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) throw std::runtime_error("cannot read trace " + path + ": a directory");
   std::ifstream in(path);
   if (!in) throw std::runtime_error("cannot open trace " + path);
   return parse_trace(in, path, format, mix);
@@ -392,6 +427,13 @@ void write_csv(std::ostream& out, std::span<const Request> requests, std::span<c
 
 void scale_rate(std::span<Request> requests, double scale) {
   if (!(scale > 0) || !std::isfinite(scale)) throw std::invalid_argument("rate scale must be a positive number");
+  for (Request& r : requests) {
+    const double scaled = r.arrival_ms / scale;
+    if (!(scaled <= kMaxTimeMs)) {
+      throw std::invalid_argument("rate scale " + shortest(scale) + " puts an arrival at " + shortest(r.arrival_ms) +
+                                  " ms at " + shortest(scaled) + " ms, beyond the simulator's limit of 1e12 ms");
+    }
+  }
   for (Request& r : requests) r.arrival_ms /= scale;
 }
 
