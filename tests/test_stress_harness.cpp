@@ -210,6 +210,32 @@ TEST_CASE("broken-len: a len() that disagrees with the tasks queued is reported 
   CHECK(r.violation_counts.size() == 1);
 }
 
+TEST_CASE("broken-empty: next() or peek() answering nothing while tasks are queued is reported, with reused ids too") {
+  const auto seed = tgi_test::seed();
+  MESSAGE("seed=" << seed);
+  auto c = config(st::Target::BrokenEmpty, 4, 4000, seed);
+  c.drop_every = 20;
+  const auto unique = st::run(c);
+  INFO(describe(unique));
+  REQUIRE(count_of(unique, "empty") > 0);
+  CHECK(unique.violation_counts.size() == 1);  // nothing else is wrong
+  const st::Violation& v = *first_of(unique, "empty");
+  REQUIRE_FALSE(v.calls.empty());
+  CHECK((v.calls[0].op == "next" || v.calls[0].op == "peek"));
+  // With reused ids the history has no identities to order; the count rule
+  // still sees a blind answer while the queue holds more than the calls in
+  // flight can have removed.
+  c.reuse_ids = 200;
+  c.ops = 20000;
+  const auto reused = st::run(c);
+  INFO(describe(reused));
+  REQUIRE(count_of(reused, "empty") > 0);
+  CHECK(reused.violation_counts.size() == 1);
+  const st::Violation& w = *first_of(reused, "empty");
+  REQUIRE(w.calls.size() == 1);
+  CHECK((w.calls[0].op == "next" || w.calls[0].op == "peek"));
+}
+
 TEST_CASE("broken-engine: a preemption left out of the plan is reported") {
   const auto seed = tgi_test::seed();
   MESSAGE("seed=" << seed);
@@ -327,6 +353,7 @@ TEST_CASE("reused ids: the real scheduler conserves every id while cancels meet 
     INFO(describe(r));
     CHECK(r.ok());
     CHECK(r.stat("tasks_accepted") > 0);
+    CHECK(r.stat("empty_answers_checked") > 0);  // the count form of the empty rule judged calls
     const auto cancels = std::find_if(r.ops.begin(), r.ops.end(), [](const st::OpStats& o) { return o.name == "cancel"; });
     REQUIRE(cancels != r.ops.end());
     CHECK(cancels->ok > 0);  // cancels found tasks

@@ -27,6 +27,7 @@ constexpr TargetName kTargets[] = {
     {Target::BrokenFull, "broken-full"},
     {Target::BrokenClear, "broken-clear"},
     {Target::BrokenLen, "broken-len"},
+    {Target::BrokenEmpty, "broken-empty"},
     {Target::BrokenPool, "broken-pool"},
     {Target::BrokenPoolOrder, "broken-pool-order"},
     {Target::BrokenEngine, "broken-engine"},
@@ -64,6 +65,7 @@ std::vector<Target> available_targets() {
   out.push_back(Target::BrokenFull);
   out.push_back(Target::BrokenClear);
   out.push_back(Target::BrokenLen);
+  out.push_back(Target::BrokenEmpty);
   out.push_back(Target::BrokenPool);
   out.push_back(Target::BrokenPoolOrder);
 #if TGI_STRESS_HAS_ENGINE
@@ -82,6 +84,7 @@ Mix default_mix(Target t) {
     case Target::BrokenFull:
     case Target::BrokenClear:
     case Target::BrokenLen:
+    case Target::BrokenEmpty:
       return {{"schedule", 40}, {"next", 30}, {"peek", 10}, {"cancel", 15}, {"clear", 1}};
     case Target::Pool:
     case Target::BrokenPool:
@@ -157,6 +160,7 @@ Report run(Config config) {
     case Target::BrokenFull:
     case Target::BrokenClear:
     case Target::BrokenLen:
+    case Target::BrokenEmpty:
       if (config.capacity == 0) config.capacity = 1024;
       r.config = config;
       detail::run_scheduler_target(config, r);

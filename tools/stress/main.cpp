@@ -60,7 +60,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(std::size_t{64}, std::size_t{1} << 32))
       ->capture_default_str();
   app.add_option("--max-findings", cfg.max_findings, "violations kept and printed per kind")->capture_default_str();
-  app.add_option("--drop-every", cfg.drop_every, "broken-dropping: lose tasks whose id is a multiple of this; broken-full: refuse them; broken-pool: over-release every this-th shared release; broken-engine: hide every this-th preemption")
+  app.add_option("--drop-every", cfg.drop_every, "broken-dropping: lose tasks whose id is a multiple of this; broken-full: refuse them; broken-empty: answer every this-th next() or peek() with nothing; broken-pool: over-release every this-th shared release; broken-engine: hide every this-th preemption")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   app.add_flag("--progress,!--no-progress", progress, "progress line on stderr (default: when stderr is a terminal)");

@@ -7,8 +7,9 @@
 // is a correct mutex queue with one planted fault: it silently loses some
 // tasks (broken-dropping), never reports DuplicateId (broken-duplicates),
 // refuses some schedules of a queue far from full (broken-full), clears in the
-// reverse of next()'s order (broken-clear), or reports half its length
-// (broken-len).
+// reverse of next()'s order (broken-clear), reports half its length
+// (broken-len), or answers some next() and peek() calls with nothing while
+// tasks are queued (broken-empty).
 #pragma once
 
 #include <algorithm>
@@ -101,6 +102,9 @@ class DroppingQueue {
     bool clear_reversed = false;
     /// len() reports half the tasks queued.
     bool half_len = false;
+    /// next() and peek() report nothing on every this-th call (0: never),
+    /// whatever is queued.
+    std::uint64_t blind_every = 0;
   };
 
   DroppingQueue(std::size_t capacity, bool priority_mode, const Faults& faults)
@@ -129,6 +133,7 @@ class DroppingQueue {
   }
   std::optional<ScheduledTask> next(unsigned) {
     std::lock_guard lock(mutex_);
+    if (blind()) return std::nullopt;
     for (std::size_t c = classes_; c-- > 0;) {
       if (!queues_[c].empty()) {
         ScheduledTask t = queues_[c].front();
@@ -141,6 +146,7 @@ class DroppingQueue {
   }
   std::optional<ScheduledTask> peek(unsigned) {
     std::lock_guard lock(mutex_);
+    if (blind()) return std::nullopt;
     for (std::size_t c = classes_; c-- > 0;) {
       if (!queues_[c].empty()) return queues_[c].front();
     }
@@ -162,7 +168,12 @@ class DroppingQueue {
   }
   std::vector<ScheduledTask> clear() {
     std::vector<ScheduledTask> out;
-    while (auto t = next(0)) out.push_back(*t);
+    std::lock_guard lock(mutex_);
+    for (std::size_t c = classes_; c-- > 0;) {
+      out.insert(out.end(), queues_[c].begin(), queues_[c].end());
+      queues_[c].clear();
+    }
+    size_ = 0;
     if (faults_.clear_reversed) std::reverse(out.begin(), out.end());
     return out;
   }
@@ -177,6 +188,8 @@ class DroppingQueue {
 
  private:
   std::size_t cls(Priority p) const { return classes_ == 1 ? 0 : scheduling::value(p); }
+  // Under mutex_.
+  bool blind() { return faults_.blind_every != 0 && ++lookups_ % faults_.blind_every == 0; }
 
   std::size_t capacity_;
   std::size_t classes_;
@@ -185,6 +198,7 @@ class DroppingQueue {
   std::deque<ScheduledTask> queues_[scheduling::kPriorityCount];
   std::size_t size_ = 0;
   std::uint64_t dropped_ = 0;
+  std::uint64_t lookups_ = 0;  // next() and peek() calls, for blind_every
   std::atomic<TaskId> ids_{0};
 };
 

@@ -76,9 +76,11 @@ class SchedulerRun {
                 {"drained_at_pauses", drained_}};
     if (q_.dropped()) r_.stats.emplace_back("dropped_by_target", q_.dropped());
     if (reuse()) r_.stats.emplace_back("duplicate_id_answers_checked", duplicate_answers_);
+    if (reuse()) r_.stats.emplace_back("empty_answers_checked", empty_answers_);
     if (reuse()) {
       r_.notes.push_back("ids 1.." + std::to_string(cfg_.reuse_ids) +
-                         " reused: each epoch checks per id that accepted schedules equal removals and that DuplicateId came exactly while a copy was queued (ordering needs unique ids)");
+                         " reused: each epoch checks per id that accepted schedules equal removals and that DuplicateId came exactly while a copy was queued, "
+                         "and by counts that no next, peek or clear found nothing while some task was surely queued (ordering needs unique ids)");
     }
     if (r_.epochs > 1) {
       r_.notes.push_back(std::string(reuse() ? "ids counted" : "history checked") + " in " + std::to_string(r_.epochs) +
@@ -125,8 +127,10 @@ class SchedulerRun {
     };
     for (const auto& w : workers_) count(w.log);
     count(drain_log_);
+    bool balanced = true;
     for (TaskId id = 1; id <= cfg_.reuse_ids; ++id) {
       if (accepted[id] == removed[id]) continue;
+      balanced = false;
       std::vector<CallRef> calls;
       if (last[id]) calls.push_back(ref(*last[id]));
       found_.add(make_violation("conservation", "id " + std::to_string(id) + " was accepted " + std::to_string(accepted[id]) +
@@ -134,6 +138,52 @@ class SchedulerRun {
                                 {id}, std::move(calls)));
     }
     check_duplicates(accepted, removed);
+    // A lost task would count as queued for the rest of the epoch and make
+    // every later empty answer look wrong: an epoch that does not balance is
+    // reported as conservation only.
+    if (balanced) check_empty_by_count();
+  }
+
+  // --reuse-ids: the empty rule without task identities (the epoch starts on
+  // an empty queue). A next(), peek() or clear() that found nothing is wrong
+  // if some task was queued at every instant of it: more schedules were
+  // accepted before it began than tasks were removed (by next, cancel and
+  // clear, one per task returned) by calls that began before it ended. Those
+  // removals may have taken tasks scheduled later; subtracting them anyway
+  // only makes the count smaller, so a positive count is a certain finding.
+  void check_empty_by_count() {
+    std::vector<std::uint64_t> acc_end, rem_start;
+    std::vector<const Event*> empties;
+    const auto gather = [&](const ThreadLog& log) {
+      for (std::size_t i = 0; i < log.size(); ++i) {
+        const Event& e = log[i];
+        if (e.op == Op::Schedule) {
+          if (e.ok) acc_end.push_back(e.end);
+        } else if (e.ok && e.op != Op::Peek) {
+          rem_start.push_back(e.start);
+        } else if (e.op == Op::Next || e.op == Op::Peek) {
+          if (!e.ok) empties.push_back(&e);
+        } else if (e.op == Op::Clear && !e.ok) {
+          // A clear's marker; the tasks it returned follow it in the log.
+          const bool returned = i + 1 < log.size() && log[i + 1].op == Op::Clear && log[i + 1].ok && log[i + 1].start == e.start;
+          if (!returned) empties.push_back(&e);
+        }
+      }
+    };
+    for (const auto& w : workers_) gather(w.log);
+    gather(drain_log_);
+    std::sort(acc_end.begin(), acc_end.end());
+    std::sort(rem_start.begin(), rem_start.end());
+    empty_answers_ += empties.size();
+    for (const Event* e : empties) {
+      const std::int64_t accepted = below(acc_end, e->start), removing = below(rem_start, e->end);
+      if (accepted <= removing) continue;
+      found_.add(make_violation("empty",
+                                HistoryChecker::name(e->op) + at(e->start, e->end) + " found nothing, but a task was queued throughout: " +
+                                    std::to_string(accepted) + " schedules were accepted before it began, and calls that began before it ended removed only " +
+                                    std::to_string(removing) + " tasks",
+                                {}, {ref(*e)}));
+    }
   }
 
   // --reuse-ids: DuplicateId exactly when a copy of the id is queued, judged
@@ -429,6 +479,7 @@ class SchedulerRun {
   std::uint64_t drained_ = 0;
   std::uint64_t events_checked_ = 0;
   std::uint64_t duplicate_answers_ = 0;  // --reuse-ids: DuplicateId answers judged
+  std::uint64_t empty_answers_ = 0;      // --reuse-ids: next, peek and clear calls that found nothing, judged
 };
 
 }  // namespace
@@ -459,13 +510,15 @@ void run_scheduler_target(const Config& cfg_in, Report& r) {
     case Target::BrokenDuplicates:
     case Target::BrokenFull:
     case Target::BrokenClear:
-    case Target::BrokenLen: {
+    case Target::BrokenLen:
+    case Target::BrokenEmpty: {
       DroppingQueue::Faults faults;
       faults.drop_every = cfg.target == Target::BrokenDropping ? cfg.drop_every : 0;
       faults.check_duplicates = cfg.target != Target::BrokenDuplicates;
       faults.refuse_every = cfg.target == Target::BrokenFull ? cfg.drop_every : 0;
       faults.clear_reversed = cfg.target == Target::BrokenClear;
       faults.half_len = cfg.target == Target::BrokenLen;
+      faults.blind_every = cfg.target == Target::BrokenEmpty ? cfg.drop_every : 0;
       DroppingQueue q(cfg.capacity, priority_mode, faults);
       SchedulerRun<DroppingQueue>(cfg, q, r).run();
       break;

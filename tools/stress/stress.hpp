@@ -25,6 +25,7 @@ enum class Target {
   BrokenFull,        ///< a mutex queue that reports QueueFull for every task whose id is a multiple of drop_every
   BrokenClear,       ///< a mutex queue whose clear() returns the tasks in the reverse of next()'s order
   BrokenLen,         ///< a mutex queue whose len() reports half the tasks queued
+  BrokenEmpty,       ///< a mutex queue whose next() and peek() report nothing on every drop_every-th call
   BrokenPool,        ///< a BlockPool that, every drop_every-th release of a shared block, drops a reference too many
   BrokenPoolOrder,   ///< a pool right in every count but with every atomic relaxed (caught under ThreadSanitizer only)
   BrokenEngine,      ///< an Engine whose plans leave out every drop_every-th preemption (when built)
