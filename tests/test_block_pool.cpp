@@ -1054,6 +1054,7 @@ TEST_SUITE("stress") {
     std::vector<std::uint64_t> payload(kBlocks, 0);
     std::vector<BlockId> next_owner_got;
     std::atomic<std::uint64_t> freed_total{0}, early_frees{0}, read_after_free{0};
+    std::atomic<unsigned> holders_done{0};
     std::barrier start(kHolders + 1);
     auto holder = [&](unsigned t) {
       std::mt19937_64 rng(seed + t);
@@ -1080,14 +1081,25 @@ TEST_SUITE("stress") {
         read(chunk);
         freed_total.fetch_add(pool.release(chunk), std::memory_order::relaxed);  // relaxed: read after join
       }
+      // relaxed: a flag only; acquire/release here would order the holders'
+      // reads before the next owner's writes and hide a pool that does not.
+      holders_done.fetch_add(1, std::memory_order::relaxed);
     };
+    // A pool that loses a block would keep it waiting for good: once every
+    // holder is done, many refusals in a row end the wait, and the count
+    // checks below report the loss instead of a hang.
     auto next_owner = [&] {
       start.arrive_and_wait();
-      while (next_owner_got.size() < kBlocks) {
+      for (unsigned refusals_after_done = 0; next_owner_got.size() < kBlocks;) {
+        // relaxed: see holders_done's increment.
+        const bool done = holders_done.load(std::memory_order::relaxed) == kHolders;
         BlockId b = kSentinel;
         if (pool.try_allocate(std::span<BlockId>(&b, 1))) {
           payload[b] = 1;  // plain write: after every holder's read only through the pool
           next_owner_got.push_back(b);
+          refusals_after_done = 0;
+        } else if (done && ++refusals_after_done == 100'000) {
+          break;
         } else {
           std::this_thread::yield();
         }
@@ -1100,6 +1112,7 @@ TEST_SUITE("stress") {
     CHECK(early_frees.load() == 0);
     CHECK(read_after_free.load() == 0);
     CHECK(freed_total.load() == kBlocks);
+    CHECK(next_owner_got.size() == kBlocks);
     CHECK(distinct_and_in_range(next_owner_got, kBlocks));
     CHECK(pool.free_blocks() == 0);
     CHECK(pool.release(next_owner_got) == kBlocks);

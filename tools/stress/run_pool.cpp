@@ -22,8 +22,11 @@
 // reads it when it has retained a share and before it releases (and checks
 // it: *payload*). The pool must order a block's last holders' reads before its
 // next owner's write (its release of the last reference, the bit clear, the
-// next claim), and apart from the mailbox handoffs, which order only the pairs
-// of threads they connect, nothing else in the run does: the harness's own
+// next claim), and apart from the mailbox handoffs nothing else in the run
+// does. (A handoff orders a little more than its two threads: every write to
+// a slot is a read-modify-write, so a taker's acquire synchronizes with every
+// earlier poster to that slot, through the release sequence, not only with
+// the one whose handle it takes.) The harness's own
 // atomics (owner tags, stamps) are relaxed, because a seq_cst clock or tag
 // around every call would order each call before every later one and hide a
 // pool that orders nothing. The checks above need only each tag's own
