@@ -76,8 +76,8 @@ struct EngineConfig {
 
 /// One block copy between the device and host pools.
 struct BlockCopy {
-  BlockId from;
-  BlockId to;
+  BlockId from = 0;
+  BlockId to = 0;
   friend bool operator==(const BlockCopy&, const BlockCopy&) = default;
 };
 
@@ -93,7 +93,7 @@ struct Admission {
 struct Preemption {
   ScheduledTask task;
   std::vector<BlockCopy> swap_out;
-  bool recompute;
+  bool recompute = false;
 };
 
 /// A paused task resumed by this step: its device blocks in token order, and
@@ -121,16 +121,16 @@ struct EngineStats {
   /// cancelled and re-submitted with other fields while step() took it (it is
   /// admitted after its priority's paused tasks, ahead of its waiting queue;
   /// docs/engine.md).
-  std::size_t waiting;
-  std::size_t running;   ///< admitted or resumed, not finished, paused or cancelled
-  std::size_t paused;    ///< preempted, not yet resumed
-  std::size_t stalled;   ///< running tasks short of blocks for their tokens
-  std::uint32_t device_free_blocks;
-  std::uint32_t host_free_blocks;  ///< 0 without a host pool
-  std::uint64_t preemptions;       ///< tasks paused, since construction
-  std::uint64_t resumptions;       ///< paused tasks resumed
-  std::uint64_t recomputes;        ///< preemptions that released the KV (no host room)
-  std::uint64_t cut_short;         ///< steps that ran out of memory mid-plan (see Engine::step)
+  std::size_t waiting = 0;
+  std::size_t running = 0;   ///< admitted or resumed, not finished, paused or cancelled
+  std::size_t paused = 0;    ///< preempted, not yet resumed
+  std::size_t stalled = 0;   ///< running tasks short of blocks for their tokens
+  std::uint32_t device_free_blocks = 0;
+  std::uint32_t host_free_blocks = 0;  ///< 0 without a host pool
+  std::uint64_t preemptions = 0;       ///< tasks paused, since construction
+  std::uint64_t resumptions = 0;       ///< paused tasks resumed
+  std::uint64_t recomputes = 0;        ///< preemptions that released the KV (no host room)
+  std::uint64_t cut_short = 0;         ///< steps that ran out of memory mid-plan (see Engine::step)
 };
 
 class Engine {
@@ -171,8 +171,9 @@ class Engine {
   /// freed by the next step() (if the loop finishes it first, it simply
   /// finishes). Lock-free, no allocation; a cancel of the task step() is
   /// taking out of the waiting queue at that moment waits for that take (a
-  /// few instructions of the loop), so it never reports a task that another
-  /// cancel had already removed.
+  /// few instructions of the loop: it spins 64 times, then yields its time
+  /// slice, a system call, while the loop stays descheduled there), so it
+  /// never reports a task that another cancel had already removed.
   bool cancel(TaskId id) noexcept;
 
   /// Plans one iteration: carries out cancels from other threads, gives
