@@ -183,6 +183,20 @@ TEST_SUITE("sim trace") {
     CHECK(issues_of("TIMESTAMP,ContextTokens,GeneratedTokens\n1900-02-29 00:00:00,10,10\n").size() == 1);
   }
 
+  TEST_CASE("an Azure row beyond the clock's range, or beyond 64-bit nanoseconds, is a bad line") {
+    const std::string head = "TIMESTAMP,ContextTokens,GeneratedTokens\n";
+    const auto late = issues_of(head + "2000-01-01 00:00:00,10,10\n2040-01-01 00:00:00,10,10\n");
+    REQUIRE(late.size() == 1);
+    CHECK(late[0].line == 3);
+    CHECK(late[0].message.find("1e12") != std::string::npos);
+    // Past 2262 nanoseconds since 1970 overflow 64 bits: refused, not wrapped.
+    const auto wrapped = issues_of(head + "1970-01-01 00:00:00,10,10\n2554-07-22 00:00:00,10,10\n");
+    REQUIRE(wrapped.size() == 1);
+    CHECK(wrapped[0].line == 3);
+    CHECK(issues_of(head + "1678-01-01 00:00:00,10,10\n2261-12-31 00:00:00,10,10\n").size() == 1);
+    CHECK(issues_of(head + "2261-12-31 00:00:00,10,10\n1678-01-01 00:00:00,10,10\n").size() == 1);
+  }
+
   TEST_CASE("bad Azure rows are reported with their line numbers") {
     const auto issues = issues_of(
         "TIMESTAMP,ContextTokens,GeneratedTokens\n"
@@ -424,6 +438,8 @@ TEST_SUITE("sim model") {
     CHECK(c.step(1000, 0, 0) == 1'000'000'000'000'000'000 + 7'000'000);
     CHECK(c.step(10'000, 0, 0) == std::numeric_limits<Nanos>::max());
     CHECK(c.step(0, std::numeric_limits<std::uint64_t>::max(), 0) == std::numeric_limits<Nanos>::max());
+    c.decode_ms_per_seq = 0;  // a free term costs nothing, however large its count
+    CHECK(c.step(0, std::numeric_limits<std::uint64_t>::max(), 0) == 7'000'000);
   }
 
   TEST_CASE("the capacity estimate follows its formula") {
@@ -618,6 +634,42 @@ TEST_SUITE("sim run") {
     CHECK(low.rejected_queue_full == 0);
     CHECK(low.completed == 8);
     CHECK(low.output_tokens == 8 * 400);
+  }
+
+  TEST_CASE("a held evicted task goes back as soon as the queue has room, not at the next arrival") {
+    // Low is evicted while High fills the queue of 1, and is held; the next
+    // step admits High, Normal and High finish, the engine is idle. Low must
+    // go back then, not wait for the Critical arrival 100 s later (and push
+    // it out of the queue).
+    const std::vector<Request> r{{0, Priority::Normal, 16, 18, true},
+                                 {0.5, Priority::Low, 16, 40, true},
+                                 {10, Priority::High, 16, 1, true},
+                                 {100'000, Priority::Critical, 16, 1, true}};
+    ServerConfig s = small_server();
+    s.device_blocks = 4;
+    s.max_queue = 1;
+    const auto res = simulate(r, Policy::Fifo, s, CostModel{});
+    REQUIRE(res.failure.empty());
+    const ClassStats& low = of(res, Priority::Low);
+    REQUIRE(low.completed == 1);
+    CHECK(low.evictions >= 1);
+    CHECK(low.e2e_ms[0] < 1000);
+    CHECK(of(res, Priority::Critical).rejected_queue_full == 0);
+    CHECK(of(res, Priority::Critical).completed == 1);
+  }
+
+  TEST_CASE("an arrival rejected at the end does not stretch the run") {
+    ServerConfig s = small_server();
+    s.device_blocks = 4;  // 64 tokens: the second request can never fit
+    const std::vector<Request> one{{0, Priority::Normal, 16, 10, true}};
+    std::vector<Request> two = one;
+    two.push_back({100'000, Priority::Normal, 16, 100, true});
+    const auto a = simulate(one, Policy::Fifo, s, flat_cost());
+    const auto b = simulate(two, Policy::Fifo, s, flat_cost());
+    REQUIRE(of(b, Priority::Normal).rejected_too_large == 1);
+    CHECK(b.makespan == a.makespan);
+    CHECK(b.kv_utilization == a.kv_utilization);
+    CHECK(b.output_tokens_per_s() == a.output_tokens_per_s());
   }
 
   TEST_CASE("throughput and KV use are measured from the first arrival") {

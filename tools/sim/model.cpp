@@ -20,9 +20,10 @@ Nanos CostModel::step(std::uint64_t prefill_tokens, std::uint64_t decoding, std:
   const std::pair<double, std::uint64_t> terms[] = {
       {prefill_ms_per_token, prefill_tokens}, {decode_ms_per_seq, decoding}, {swap_ms_per_block, blocks_copied}};
   for (const auto& [ms, count] : terms) {
+    const Nanos unit = ms_to_nanos(ms);
+    if (unit == 0) continue;  // costs nothing, however many
     Nanos part = 0;
-    if (count > static_cast<std::uint64_t>(kMaxNanos) ||
-        __builtin_mul_overflow(ms_to_nanos(ms), static_cast<Nanos>(count), &part) ||
+    if (count > static_cast<std::uint64_t>(kMaxNanos) || __builtin_mul_overflow(unit, static_cast<Nanos>(count), &part) ||
         __builtin_add_overflow(total, part, &total)) {
       return std::numeric_limits<Nanos>::max();
     }

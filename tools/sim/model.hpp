@@ -22,7 +22,7 @@ using Nanos = std::int64_t;
 inline constexpr Nanos kNanosPerMs = 1'000'000;
 
 /// The simulated clock's range, about 31 years: every arrival, cost term and
-/// instant of a run must lie in [0, kMaxTimeMs] ms. Ten times it still fits a
+/// instant of a run must lie in [0, kMaxTimeMs] ms. Nine times it still fits a
 /// Nanos, so sums of two in-range times cannot overflow.
 inline constexpr double kMaxTimeMs = 1e12;
 inline constexpr Nanos kMaxNanos = static_cast<Nanos>(kMaxTimeMs) * kNanosPerMs;

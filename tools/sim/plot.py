@@ -41,7 +41,7 @@ def seconds_text(v):
 
 def bar_chart(ax, policies):
     width = 0.8 / max(1, len(policies))
-    missing = []  # (x, bar) of the priorities with no completed request
+    missing = []  # (bar, label) of the priorities with no completed request or a p99 of 0
     for k, policy in enumerate(policies):
         rows = by_priority(policy)
         values = [seconds(rows[p]["ttft_ms"]["p99"]) if p in rows else None for p in PRIORITIES]
@@ -49,8 +49,8 @@ def bar_chart(ax, policies):
         heights = [v if v is not None else 0 for v in values]
         bars = ax.bar(xs, heights, width, label=label(policy), color=COLORS[k % len(COLORS)])
         for bar, v in zip(bars, values):
-            if v is None:
-                missing.append(bar)
+            if v is None or v <= 0:  # no bar to stand on in a log scale
+                missing.append((bar, "none done" if v is None else "0"))
                 continue
             ax.annotate(seconds_text(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
@@ -60,8 +60,8 @@ def bar_chart(ax, policies):
     ax.set_ylim(bottom, top * 30)
     # A bar of no height has nothing to stand on in a log scale: its label
     # goes on the axis floor, which is known only now.
-    for bar in missing:
-        ax.annotate("none done", (bar.get_x() + bar.get_width() / 2, bottom), ha="center", va="bottom",
+    for bar, text in missing:
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bottom), ha="center", va="bottom",
                     fontsize=7, rotation=90, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(PRIORITIES)), PRIORITIES)
     ax.set_ylabel("time to first token p99 (s, log)")

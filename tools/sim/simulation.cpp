@@ -57,7 +57,11 @@ class Run {
 
   PolicyResult run() {
     while (resolved_ < requests_.size()) {
-      if (running_.empty() && engine_idle() && next_ < requests_.size()) now_ = std::max(now_, live_[next_].arrival);
+      // An idle GPU waits for the next arrival, unless the loop holds an
+      // evicted task: that one goes back at once (the queue has room now).
+      if (running_.empty() && engine_idle() && evicted_.empty() && next_ < requests_.size()) {
+        now_ = std::max(now_, live_[next_].arrival);
+      }
       resubmit_evicted();
       submit_arrivals();
       if (resolved_ == requests_.size()) break;  // the last arrivals were all rejected
@@ -290,7 +294,10 @@ class Run {
   }
 
   void finish_stats() {
-    result_.makespan = std::max(result_.makespan, now_ - start_);
+    // A run that failed ends where it stopped; otherwise at the last
+    // completion (the clock may have moved on to arrivals that were all
+    // rejected).
+    if (!result_.failure.empty()) result_.makespan = std::max(result_.makespan, now_ - start_);
     for (ClassStats& c : result_.by_priority) {
       std::sort(c.ttft_ms.begin(), c.ttft_ms.end());
       std::sort(c.e2e_ms.begin(), c.e2e_ms.end());

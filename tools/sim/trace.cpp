@@ -151,7 +151,12 @@ std::optional<std::int64_t> parse_timestamp(std::string_view s) {
   }
   const std::int64_t days = days_from_civil(*y, *mo, *d);
   const std::int64_t secs = days * 86400 + std::int64_t{*h} * 3600 + std::int64_t{*mi} * 60 + *sec;
-  return secs * 1'000'000'000 + frac_ns;
+  // Nanoseconds since 1970 fit 64 bits from 1677 to 2262 only.
+  std::int64_t ns = 0;
+  if (__builtin_mul_overflow(secs, std::int64_t{1'000'000'000}, &ns) || __builtin_add_overflow(ns, frac_ns, &ns)) {
+    return std::nullopt;
+  }
+  return ns;
 }
 
 class Parser {
@@ -257,7 +262,7 @@ class Parser {
     if (!field_count(f, 3, line_no)) return;
     std::string why;
     const auto ts = parse_timestamp(f[0]);
-    if (!ts) issue(line_no, "TIMESTAMP " + quoted(f[0]) + " is not 'YYYY-MM-DD HH:MM:SS[.fraction]'");
+    if (!ts) issue(line_no, "TIMESTAMP " + quoted(f[0]) + " is not a date 'YYYY-MM-DD HH:MM:SS[.fraction]' from 1678 to 2261");
     const auto prompt = parse_count(f[1], "ContextTokens", 1, kMaxTraceTokens, why);
     if (!prompt) issue(line_no, why);
     const auto output = parse_count(f[2], "GeneratedTokens", 1, kMaxTraceTokens, why);
@@ -267,9 +272,15 @@ class Parser {
     const bool preemptible = rng_.uniform() < mix_.preemptible_fraction;
     if (!ts || !prompt || !output) return;
     if (!first_ns) first_ns = *ts;
-    const double arrival_ms = static_cast<double>(*ts - *first_ns) / 1e6;
-    if (arrival_ms < 0) {
+    if (*ts < *first_ns) {
       issue(line_no, "TIMESTAMP " + quoted(f[0]) + " is earlier than the first row's (rows must be sorted)");
+      return;
+    }
+    std::int64_t since_first = 0;  // overflows only far beyond the limit below
+    const bool overflow = __builtin_sub_overflow(*ts, *first_ns, &since_first);
+    const double arrival_ms = static_cast<double>(since_first) / 1e6;
+    if (overflow || arrival_ms > kMaxTimeMs) {
+      issue(line_no, "TIMESTAMP " + quoted(f[0]) + " is more than 1e12 ms (the simulator's limit) after the first row's");
       return;
     }
     check_order(arrival_ms, line_no);

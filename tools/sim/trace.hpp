@@ -96,13 +96,13 @@ struct TraceIssue {
   std::string message;
 };
 
-/// A trace that failed to parse: every issue found, in line order.
 /// The shortest decimal text that reads back as `v`.
 std::string shortest(double v);
 
 /// "3 bad lines", or "5 problems on 1 line" when a line has several.
 std::string count_issues(const std::vector<TraceIssue>& issues);
 
+/// A trace that failed to parse: every issue found, in line order.
 class TraceError : public std::runtime_error {
  public:
   TraceError(std::string source, std::vector<TraceIssue> issues);
