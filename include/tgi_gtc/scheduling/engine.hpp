@@ -122,9 +122,9 @@ struct EngineStats {
   /// admitted after its priority's paused tasks, ahead of its waiting queue;
   /// docs/engine.md).
   std::size_t waiting = 0;
-  std::size_t running = 0;   ///< admitted or resumed, not finished, paused or cancelled
-  std::size_t paused = 0;    ///< preempted, not yet resumed
-  std::size_t stalled = 0;   ///< running tasks short of blocks for their tokens
+  std::size_t running = 0;  ///< admitted or resumed, not finished, paused or cancelled
+  std::size_t paused = 0;   ///< preempted, not yet resumed
+  std::size_t stalled = 0;  ///< running tasks short of blocks for their tokens
   std::uint32_t device_free_blocks = 0;
   std::uint32_t host_free_blocks = 0;  ///< 0 without a host pool
   std::uint64_t preemptions = 0;       ///< tasks paused, since construction
