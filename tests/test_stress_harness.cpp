@@ -562,22 +562,17 @@ TEST_CASE("findings: a clear returns the tasks queued before it in next()'s orde
     return h.findings();
   };
   // High 1 and Low 2 queued before the clear [5,6], returned Low first.
-  auto f = run({{Op::Schedule, true, Priority::High, 1, 1, 2},
-                {Op::Schedule, true, Priority::Low, 2, 3, 4},
-                {Op::Clear, false, Priority::Normal, 0, 5, 6},
-                {Op::Clear, true, Priority::Low, 2, 5, 6},
-                {Op::Clear, true, Priority::High, 1, 5, 6}},
-               true);
+  const ThreadLog low_first = {{Op::Schedule, true, Priority::High, 1, 1, 2},
+                               {Op::Schedule, true, Priority::Low, 2, 3, 4},
+                               {Op::Clear, false, Priority::Normal, 0, 5, 6},
+                               {Op::Clear, true, Priority::Low, 2, 5, 6},
+                               {Op::Clear, true, Priority::High, 1, 5, 6}};
+  auto f = run(low_first, true);
   REQUIRE(f.items.size() == 1);
   CHECK(f.items[0].kind == "clear");
   CHECK(f.items[0].ids == std::vector<TaskId>{2, 1});
   // In FIFO mode the same is an order of schedules: 1 came first.
-  f = run({{Op::Schedule, true, Priority::High, 1, 1, 2},
-           {Op::Schedule, true, Priority::Low, 2, 3, 4},
-           {Op::Clear, false, Priority::Normal, 0, 5, 6},
-           {Op::Clear, true, Priority::Low, 2, 5, 6},
-           {Op::Clear, true, Priority::High, 1, 5, 6}},
-          false);
+  f = run(low_first, false);
   REQUIRE(f.items.size() == 1);
   CHECK(f.items[0].kind == "clear");
   CHECK(f.items[0].ids == std::vector<TaskId>{1, 2});
