@@ -285,6 +285,7 @@ class EngineCore {
 
   const EngineConfig& config() const noexcept { return config_; }
   const Scheduler& scheduler() const noexcept { return waiting_; }
+  TaskId next_id() noexcept { return waiting_.next_id(); }
 
   // ---- any thread -------------------------------------------------------
 
@@ -1008,6 +1009,7 @@ Engine::Engine(EngineConfig config) : core_(std::make_unique<detail::EngineCore>
 Engine::~Engine() = default;
 
 const EngineConfig& Engine::config() const noexcept { return core_->config(); }
+TaskId Engine::next_id() noexcept { return core_->next_id(); }
 std::error_code Engine::submit(const ScheduledTask& task) noexcept { return core_->submit(task); }
 bool Engine::cancel(TaskId id) noexcept { return core_->cancel(id); }
 const StepPlan& Engine::step() { return core_->step(); }

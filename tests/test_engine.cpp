@@ -678,6 +678,34 @@ TEST_CASE("submit refuses an id that is waiting, running or paused") {
   CHECK_FALSE(e.submit(task(1, 16)));  // finished: the id is free
 }
 
+TEST_CASE("next_id hands out 1, 2, 3, ... once each across threads, and a running task's id stays taken") {
+  Engine e(config(4));
+  const TaskId first = e.next_id();
+  CHECK(first == 1);
+  submit(e, task(first, 16));
+  REQUIRE(admitted(e.step()) == Ids{first});
+  constexpr int kThreads = 4, kPer = 2000;
+  std::vector<std::vector<TaskId>> got(kThreads);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i) {
+    threads.emplace_back([&e, &mine = got[static_cast<std::size_t>(i)]] {
+      for (int k = 0; k < kPer; ++k) mine.push_back(e.next_id());
+    });
+  }
+  for (auto& t : threads) t.join();
+  std::set<TaskId> all;
+  for (const auto& v : got) {
+    CHECK(std::is_sorted(v.begin(), v.end()));  // one thread's ids increase
+    all.insert(v.begin(), v.end());
+  }
+  // Distinct, and exactly the next kThreads x kPer values: none skipped.
+  CHECK(all.size() == std::size_t{kThreads} * kPer);
+  CHECK(*all.begin() == first + 1);
+  CHECK(*all.rbegin() == first + TaskId{kThreads} * kPer);
+  CHECK(e.submit(task(first, 16)) == ScheduleError::DuplicateId);  // running
+  CHECK_FALSE(e.submit(task(e.next_id(), 16)));
+}
+
 TEST_CASE("submit reports QueueFull from the waiting queue") {
   EngineConfig c = config(8);
   c.scheduler.max_queue_size = 2;

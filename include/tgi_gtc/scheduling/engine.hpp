@@ -8,7 +8,7 @@
 // resumes later, ahead of waiting tasks of its priority.
 //
 // Threading contract
-//   any thread          submit, cancel, scheduler, stats, config
+//   any thread          next_id, submit, cancel, scheduler, stats, config
 //   serving loop only   step, append_tokens, finish, block_table
 // The serving loop is the thread that calls step(); the loop-only calls must
 // come from it (or be otherwise serialized with it). A cancel() made on the
@@ -150,6 +150,12 @@ class Engine {
   Engine& operator=(Engine&&) = delete;
 
   const EngineConfig& config() const noexcept;
+
+  /// 1, 2, 3, ...: a fresh id from the waiting queue's counter
+  /// (Scheduler::next_id()), unique across threads. Ids a caller picks itself
+  /// share the id space: submit() reports DuplicateId for one that is waiting,
+  /// running or paused. Any thread; wait-free.
+  TaskId next_id() noexcept;
 
   /// Queues a copy of `task`. Empty on success; ScheduleError::InvalidPriority
   /// when task.priority is none of the four enumerators (checked first);
