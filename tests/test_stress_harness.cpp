@@ -306,6 +306,19 @@ TEST_CASE("the real targets pass the runs that fail the broken ones" * doctest::
     // Holders read the payloads (under ThreadSanitizer, the pool's orders are checked there).
     CHECK(r.stat("payload_checks") > r.stat("handoffs"));
   }
+  {
+    // Pauses every 256 operations a thread: each one, and the end, takes every
+    // free block in one call; the last takes the whole pool.
+    auto c = config(st::Target::Pool, 4, 20000 * scale, seed);
+    c.max_events = 256;
+    c.capacity = 512;
+    const auto r = st::run(c);
+    INFO(describe(r));
+    CHECK(r.ok());
+    CHECK(r.epochs > 4);
+    CHECK(r.stat("drains") == r.epochs + 1);
+    CHECK(r.stat("blocks_drained") >= 512);
+  }
 #if TGI_STRESS_HAS_ENGINE
   {
     auto c = config(st::Target::Engine, 4, 20000 * scale, seed);

@@ -30,6 +30,7 @@ constexpr TargetName kTargets[] = {
     {Target::BrokenEmpty, "broken-empty"},
     {Target::BrokenPool, "broken-pool"},
     {Target::BrokenPoolOrder, "broken-pool-order"},
+    {Target::BrokenPoolBits, "broken-pool-bits"},
     {Target::BrokenEngine, "broken-engine"},
     {Target::BrokenEngineOrder, "broken-engine-order"},
 };
@@ -68,6 +69,7 @@ std::vector<Target> available_targets() {
   out.push_back(Target::BrokenEmpty);
   out.push_back(Target::BrokenPool);
   out.push_back(Target::BrokenPoolOrder);
+  out.push_back(Target::BrokenPoolBits);
 #if TGI_STRESS_HAS_ENGINE
   out.push_back(Target::BrokenEngine);
   out.push_back(Target::BrokenEngineOrder);
@@ -89,6 +91,7 @@ Mix default_mix(Target t) {
     case Target::Pool:
     case Target::BrokenPool:
     case Target::BrokenPoolOrder:
+    case Target::BrokenPoolBits:
       return {{"allocate", 40}, {"share", 20}, {"release", 40}};
     case Target::Engine:
     case Target::BrokenEngine:
@@ -140,6 +143,7 @@ std::uint64_t Report::stat(std::string_view name) const {
 Report run(Config config) {
   if (config.threads == 0 || config.threads > 1024) throw std::invalid_argument("threads must be 1..1024");
   if (!(config.seconds >= 0)) throw std::invalid_argument("seconds must not be negative");
+  if (!(config.stall_seconds >= 0)) throw std::invalid_argument("stall_seconds must not be negative");
   if (config.seconds == 0 && config.ops == 0) throw std::invalid_argument("give a duration or an operation count");
   if (config.max_events < 64) throw std::invalid_argument("max_events must be at least 64");
   if (config.drop_every == 0) throw std::invalid_argument("drop_every must be positive");
@@ -168,6 +172,7 @@ Report run(Config config) {
     case Target::Pool:
     case Target::BrokenPool:
     case Target::BrokenPoolOrder:
+    case Target::BrokenPoolBits:
       if (config.capacity == 0) config.capacity = 1024;
       r.config = config;
       detail::run_pool_target(config, r);
@@ -253,7 +258,76 @@ void sum_ops(Report& r, const Mix& mix, const std::vector<OpCounts>& counts) {
   }
 }
 
-void drive(const Config& cfg, Report& r, Progress& progress, const Collector& found, std::atomic<bool>& stop,
+Watchdog::Watchdog(const Config& cfg) : stall_seconds_(cfg.stall_seconds), seed_(cfg.seed) {
+  if (stall_seconds_ > 0) thread_ = std::thread([this] { watch(); });
+}
+
+Watchdog::~Watchdog() {
+  if (!thread_.joinable()) return;
+  {
+    std::lock_guard lock(mutex_);
+    quit_ = true;
+  }
+  wake_.notify_all();
+  thread_.join();
+}
+
+void Watchdog::arm(std::function<std::uint64_t()> progress, std::function<std::string()> describe) {
+  if (!thread_.joinable()) return;
+  {
+    std::lock_guard lock(mutex_);
+    progress_ = std::move(progress);
+    describe_ = std::move(describe);
+    armed_ = true;
+    ++generation_;
+  }
+  wake_.notify_all();  // restarts the watch with the new progress
+}
+
+void Watchdog::disarm() {
+  if (!thread_.joinable()) return;
+  std::lock_guard lock(mutex_);
+  armed_ = false;
+}
+
+void Watchdog::watch() {
+  using Clock = std::chrono::steady_clock;
+  std::unique_lock lock(mutex_);
+  std::uint64_t watching = 0;  // the arm() being watched
+  std::uint64_t last = 0;
+  Clock::time_point since;
+  while (!quit_) {
+    if (!armed_) {
+      wake_.wait(lock);
+      continue;
+    }
+    if (watching != generation_) {  // a fresh watch: from arm() on, progress must move within the limit
+      watching = generation_;
+      last = progress_();
+      since = Clock::now();
+    }
+    wake_.wait_for(lock, std::chrono::milliseconds(100));
+    if (quit_ || !armed_ || watching != generation_) continue;
+    const std::uint64_t now_progress = progress_();
+    const auto now = Clock::now();
+    if (now_progress != last) {
+      last = now_progress;
+      since = now;
+      continue;
+    }
+    const double stuck = std::chrono::duration<double>(now - since).count();
+    if (stuck < stall_seconds_) continue;
+    std::ostringstream out;
+    out << "FAIL: 1 violation (stall)\n  first violation: stall: no progress for " << std::fixed << std::setprecision(1) << stuck
+        << " s: " << describe_() << "\n  seed " << seed_
+        << ": the stuck threads can be neither stopped nor joined, so the run ends here (exit status 1, no summary, no JSON)\n";
+    std::fputs(out.str().c_str(), stdout);
+    std::fflush(stdout);
+    std::_Exit(1);
+  }
+}
+
+void drive(const Config& cfg, Report& r, Progress& progress, const Collector& found, std::atomic<bool>& stop, Watchdog& watchdog,
            const std::function<std::uint64_t(unsigned, std::uint64_t, LiveCount&)>& work, const std::function<bool()>& pause) {
   using Clock = std::chrono::steady_clock;
   const unsigned n = cfg.threads;
@@ -274,6 +348,7 @@ void drive(const Config& cfg, Report& r, Progress& progress, const Collector& fo
         go.arrive_and_wait();
         if (finished) return;
         remaining[w] -= work(w, remaining[w], live[w]);
+        live[w].op.store(kOpFinished, std::memory_order::relaxed);  // relaxed: read only by the stall report
         active.fetch_sub(1);
         done.arrive_and_wait();
       }
@@ -284,13 +359,39 @@ void drive(const Config& cfg, Report& r, Progress& progress, const Collector& fo
     for (const auto& l : live) sum += l.ops.load(std::memory_order::relaxed);  // relaxed: a statistic for the progress line
     return sum;
   };
+  // For the watchdog: what each worker that has not finished its epoch is doing.
+  auto describe = [&] {
+    std::ostringstream out;
+    std::size_t busy = 0;
+    for (const auto& l : live) busy += l.op.load(std::memory_order::relaxed) != kOpFinished;  // relaxed: a report
+    out << busy << " of " << n << " worker" << (n == 1 ? "" : "s") << " had not finished epoch " << r.epochs + 1;
+    const char* sep = ": ";
+    for (unsigned w = 0; w < n; ++w) {
+      const std::uint32_t op = live[w].op.load(std::memory_order::relaxed);     // relaxed: a report
+      const std::uint64_t done = live[w].ops.load(std::memory_order::relaxed);  // relaxed: a report
+      if (op == kOpFinished) continue;
+      out << sep << "thread " << w;
+      sep = "; ";
+      if (op == kOpIdle) {
+        out << " before its first operation";
+      } else if (op == kOpDraining) {
+        out << " past its " << done << " operations (waiting for the others, or draining)";
+      } else {
+        out << " in " << (op < cfg.mix.size() ? cfg.mix[op].first : "operation " + std::to_string(op)) << " (operation " << done + 1
+            << " of its epoch)";
+      }
+    }
+    return out.str();
+  };
   double measured = 0, checking = 0;
   std::uint64_t base_ops = 0;  // ops of finished epochs
   try {
     for (;;) {
       stop.store(false);
       active.store(n);
+      for (auto& l : live) l.op.store(kOpIdle, std::memory_order::relaxed);  // relaxed: workers are parked at the barrier
       const auto t0 = Clock::now();
+      watchdog.arm(live_ops, describe);
       go.arrive_and_wait();
       while (active.load() > 0) {
         const double elapsed = measured + std::chrono::duration<double>(Clock::now() - t0).count();
@@ -299,6 +400,7 @@ void drive(const Config& cfg, Report& r, Progress& progress, const Collector& fo
         const double left = timed ? cfg.seconds - elapsed : 1.0;
         std::this_thread::sleep_for(std::chrono::microseconds(left > 0.002 ? 2000 : 200));
       }
+      watchdog.disarm();
       done.arrive_and_wait();
       measured += std::chrono::duration<double>(Clock::now() - t0).count();
       ++r.epochs;
@@ -313,6 +415,7 @@ void drive(const Config& cfg, Report& r, Progress& progress, const Collector& fo
       if (!go_on || !more) break;
     }
   } catch (...) {
+    watchdog.disarm();
     finished = true;
     go.arrive_and_wait();
     for (auto& t : threads) t.join();

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <barrier>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -70,9 +71,21 @@ class Progress {
   bool printed_ = false;
 };
 
-/// Per-thread count of operations done, read by the progress line.
+/// What a worker is doing, for the stall report: an index into the mix (the
+/// operation it began last), or one of these.
+inline constexpr std::uint32_t kOpIdle = 0xFFFF'FFFF;      ///< has not begun an operation this epoch
+inline constexpr std::uint32_t kOpFinished = 0xFFFF'FFFE;  ///< returned from its epoch's work
+inline constexpr std::uint32_t kOpDraining = 0xFFFF'FFFD;  ///< past its operations, waiting or draining (engine loop)
+
+/// Per-thread count of operations done, read by the progress line and the
+/// watchdog, and the operation under way, read by the watchdog.
 struct alignas(64) LiveCount {
   std::atomic<std::uint64_t> ops{0};
+  std::atomic<std::uint32_t> op{kOpIdle};
+  /// Called by the worker before each operation (index into the mix).
+  void begin(std::size_t op_index) noexcept {
+    op.store(static_cast<std::uint32_t>(op_index), std::memory_order::relaxed);  // relaxed: read only by the stall report
+  }
 };
 static_assert(sizeof(LiveCount) == 64 && alignof(LiveCount) == 64);
 
@@ -124,14 +137,48 @@ constexpr std::uint64_t mix64(std::uint64_t x) {
   return x ^ (x >> 31);
 }
 
+/// Ends a run that stopped making progress. While armed, a thread of its own
+/// reads progress() every 100 ms; if the value has not changed for
+/// cfg.stall_seconds, it prints a FAIL line naming a "stall" violation with
+/// describe()'s account and the seed, and ends the process with status 1
+/// (std::_Exit: a thread stuck in a call can be neither stopped nor joined,
+/// so no summary or JSON file is written). Lock-free calls finish whatever
+/// the other threads do, so a stall is a call that never returns (a livelock,
+/// a spin on a state nobody will write), or a check that never ends.
+class Watchdog {
+ public:
+  explicit Watchdog(const Config& cfg);  // no thread when stall_seconds is 0
+  ~Watchdog();
+  Watchdog(const Watchdog&) = delete;
+  Watchdog& operator=(const Watchdog&) = delete;
+  /// Watches from now until disarm(). Both functions are called on the
+  /// watchdog's thread, concurrently with the run: they may read atomics only.
+  void arm(std::function<std::uint64_t()> progress, std::function<std::string()> describe);
+  void disarm();
+
+ private:
+  void watch();
+  double stall_seconds_;
+  std::uint64_t seed_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  bool quit_ = false, armed_ = false;
+  std::uint64_t generation_ = 0;  // arm() calls so far
+  std::function<std::uint64_t()> progress_;
+  std::function<std::string()> describe_;
+  std::thread thread_;
+};
+
 /// Runs cfg.threads workers in epochs. Each epoch starts every worker at a
 /// barrier; `work(w, quota, live, stop)` runs thread w's operations until it
 /// has done `quota`, or `stop` is set (by the time limit, by a worker whose log
 /// is full, or on a violation), and returns how many it did. Between epochs,
 /// with every worker stopped, `pause()` runs on the calling thread (checks,
 /// drains) and returns false to end the run. Fills seconds, check_seconds,
-/// total_ops and epochs of `r`.
-void drive(const Config& cfg, Report& r, Progress& progress, const Collector& found, std::atomic<bool>& stop,
+/// total_ops and epochs of `r`. `watchdog` is armed while the workers run:
+/// their operation counts are the progress (a worker calls live.begin(op)
+/// before each operation and counts it in live.ops when it returns).
+void drive(const Config& cfg, Report& r, Progress& progress, const Collector& found, std::atomic<bool>& stop, Watchdog& watchdog,
            const std::function<std::uint64_t(unsigned, std::uint64_t, LiveCount&)>& work, const std::function<bool()>& pause);
 
 // The runs, one per target family.

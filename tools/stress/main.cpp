@@ -1,7 +1,8 @@
 // sched-stress: runs the Scheduler, the BlockPool or the Engine under many
 // threads, checks every guarantee it can observe, and names the first
-// violation. Exit status: 0 no violation, 1 a violation, 2 bad arguments,
-// 3 an error (e.g. the JSON file could not be written). See docs/stress.md.
+// violation. Exit status: 0 no violation, 1 a violation (a stall included:
+// see --stall-seconds), 2 bad arguments, 3 an error (e.g. the JSON file could
+// not be written). See docs/stress.md.
 //
 // Compiled a second time as sched-stress-chaos (TGI_STRESS_CHAOS defined),
 // linked to a copy of the library with the Scheduler's test hooks, which it
@@ -60,8 +61,13 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(std::size_t{64}, std::size_t{1} << 32))
       ->capture_default_str();
   app.add_option("--max-findings", cfg.max_findings, "violations kept and printed per kind")->capture_default_str();
-  app.add_option("--drop-every", cfg.drop_every, "broken-dropping: lose tasks whose id is a multiple of this; broken-full: refuse them; broken-empty: answer every this-th next() or peek() with nothing; broken-pool: over-release every this-th shared release; broken-engine: hide every this-th preemption")
+  app.add_option("--drop-every", cfg.drop_every, "broken-dropping: lose tasks whose id is a multiple of this; broken-full: refuse them; broken-empty: answer every this-th next() or peek() with nothing; broken-pool: over-release every this-th shared release; broken-pool-bits: keep every this-th freed block; broken-engine: hide every this-th preemption")
       ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--stall-seconds", cfg.stall_seconds,
+                 "end the run as a failure (exit 1) when no operation finishes, or a guarded check does not return, for this long; "
+                 "0: never")
+      ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   app.add_flag("--progress,!--no-progress", progress, "progress line on stderr (default: when stderr is a terminal)");
 #ifdef TGI_STRESS_CHAOS

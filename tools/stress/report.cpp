@@ -56,7 +56,8 @@ void print_summary(std::ostream& os, const Report& r) {
   const Config& c = r.config;
   os << "sched-stress: target " << to_string(c.target) << ", " << c.threads << " threads, seed " << c.seed << "\n";
   os << "  config:  capacity " << c.capacity;
-  if (c.target != Target::Pool && c.target != Target::BrokenPool && c.target != Target::BrokenPoolOrder) os << ", " << (c.fifo ? "FIFO mode" : "priority mode");
+  if (c.target != Target::Pool && c.target != Target::BrokenPool && c.target != Target::BrokenPoolOrder &&
+      c.target != Target::BrokenPoolBits) os << ", " << (c.fifo ? "FIFO mode" : "priority mode");
   if (c.reuse_ids != 0) os << ", ids 1.." << c.reuse_ids << " reused";
   os << ", mix " << mix_text(c.mix) << ", " << (c.seconds > 0 ? fmt("%.3g s", c.seconds) : std::to_string(c.ops) + " ops")
      << ", max-events " << c.max_events << "/thread";

@@ -264,8 +264,9 @@ class EngineRun {
 
   void run() {
     Progress progress(cfg_);
+    Watchdog watchdog(cfg_);
     drive(
-        cfg_, r_, progress, found_, stop_, [this](unsigned w, std::uint64_t quota, LiveCount& live) { return work(w, quota, live); },
+        cfg_, r_, progress, found_, stop_, watchdog, [this](unsigned w, std::uint64_t quota, LiveCount& live) { return work(w, quota, live); },
         [this] { return pause(); });
     std::vector<OpCounts> counts;
     for (const auto& w : workers_) counts.push_back(w.counts);
@@ -1048,6 +1049,7 @@ class EngineRun {
     while (loop_has_ops_ && (done < quota || producers_active_.load() != 0) && !stop_.load(std::memory_order::relaxed)) {  // relaxed: a request to stop soon
       std::size_t op = loop_picker_->pick(me.rng);
       if ((op == kAppend || op == kFinish) && running_ids_.empty()) op = kStep;
+      live.begin(op);
       bool ok = true;
       switch (op) {
         case kSubmit: ok = submit(me); break;
@@ -1060,6 +1062,7 @@ class EngineRun {
       live.ops.store(++done, std::memory_order::relaxed);  // relaxed: a statistic for the progress line
     }
     // The producers stop at their quota or at `stop`; then the loop drains.
+    live.begin(kOpDraining);
     while (producers_active_.load() != 0) std::this_thread::yield();
     drain();
     return loop_has_ops_ ? std::min(done, quota) : quota;
@@ -1069,6 +1072,7 @@ class EngineRun {
     std::uint64_t done = 0;
     while (producers_have_ops_ && done < quota && !stop_.load(std::memory_order::relaxed)) {  // relaxed: a request to stop soon
       const std::size_t op = producer_picker_->pick(me.rng);
+      live.begin(op);
       const bool ok = op == kSubmit ? submit(me) : cancel(me);
       // A full queue: let the loop run (on few cores a spinning producer
       // would starve it), as a client would back off.

@@ -42,6 +42,7 @@
 #include <limits>
 #include <span>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -120,6 +121,55 @@ class OverReleasingPool {
   BlockPool pool_;
   std::uint64_t every_;
   std::atomic<std::uint64_t> calls_{0};
+};
+
+/// A BlockPool that loses blocks the way a bit left set would: every
+/// `every`-th release that would free a block keeps it out of the pool, yet
+/// reports it freed and counts it in free_blocks() (its count reads 0). As in a
+/// BlockPool whose release forgot to clear the bit, a try_allocate the counter
+/// grants then waits for blocks that never come. The count checks pass it; the
+/// drain at each pause (every block counted free, taken in one call) hangs on
+/// it, and the watchdog must report the stall.
+class LeakyPool {
+ public:
+  LeakyPool(std::uint32_t blocks, std::uint64_t every) : pool_(blocks), every_(every), leaked_(blocks) {}
+  [[nodiscard]] bool try_allocate(std::span<BlockId> out) noexcept {
+    if (out.size() > free_blocks()) return false;
+    // Granted by the counter: wait for the blocks, as a scan for set bits would.
+    while (!pool_.try_allocate(out)) std::this_thread::yield();
+    return true;
+  }
+  void retain(std::span<const BlockId> blocks) noexcept { pool_.retain(blocks); }
+  [[nodiscard]] std::size_t release(std::span<const BlockId> blocks) noexcept {
+    std::size_t n = 0;
+    for (const BlockId id : blocks) {
+      // A count of 1 is the caller's reference alone: no one else may change it.
+      // relaxed: a count of frees; the fault is in the blocks, not in the orders
+      if (id < leaked_.size() && pool_.ref_count(id) == 1 && frees_.fetch_add(1, std::memory_order::relaxed) % every_ == every_ - 1) {
+        leaked_[id].store(true, std::memory_order::relaxed);     // relaxed: read by ref_count() snapshots only
+        leaked_count_.fetch_add(1, std::memory_order::relaxed);  // relaxed: read by free_blocks() snapshots only
+        ++n;
+        continue;
+      }
+      n += pool_.release(std::span<const BlockId>(&id, 1));
+    }
+    return n;
+  }
+  std::size_t invalid_releases() const noexcept { return pool_.invalid_releases(); }
+  std::uint32_t total_blocks() const noexcept { return pool_.total_blocks(); }
+  std::uint32_t free_blocks() const noexcept {
+    return pool_.free_blocks() + leaked_count_.load(std::memory_order::relaxed);  // relaxed: a snapshot
+  }
+  std::uint32_t ref_count(BlockId b) const noexcept {
+    return b < leaked_.size() && leaked_[b].load(std::memory_order::relaxed) ? 0 : pool_.ref_count(b);  // relaxed: a snapshot
+  }
+
+ private:
+  BlockPool pool_;
+  std::uint64_t every_;
+  std::atomic<std::uint64_t> frees_{0};
+  std::atomic<std::uint32_t> leaked_count_{0};
+  std::vector<std::atomic<bool>> leaked_;
 };
 
 /// A pool right in every count and wrong in every order: BlockPool's scheme
@@ -205,7 +255,10 @@ class PoolRun {
         taken_at_(cfg.capacity),
         handles_(std::size_t{cfg.threads} * kHandlesPerThread),
         mailbox_(std::max<std::size_t>(4, 2 * std::size_t{cfg.threads})),
-        workers_(cfg.threads) {
+        workers_(cfg.threads),
+        drain_(cfg.capacity),
+        drained_(cfg.capacity),
+        watchdog_(cfg) {
     for (unsigned w = 0; w < cfg.threads; ++w) {
       Worker& me = workers_[w];
       me.rng = thread_rng(cfg.seed, w);
@@ -221,7 +274,7 @@ class PoolRun {
   void run() {
     Progress progress(cfg_);
     drive(
-        cfg_, r_, progress, found_, stop_, [this](unsigned w, std::uint64_t quota, LiveCount& live) { return work(w, quota, live); },
+        cfg_, r_, progress, found_, stop_, watchdog_, [this](unsigned w, std::uint64_t quota, LiveCount& live) { return work(w, quota, live); },
         [this] { return pause(); });
     std::vector<OpCounts> counts;
     std::uint64_t handoffs = 0, held_at_end = 0;
@@ -233,6 +286,7 @@ class PoolRun {
     sum_ops(r_, cfg_.mix, counts);
     release_everything();
     check_quiescent("at the end, after every holder released");
+    if (!found_.any()) check_drain("at the end");
     std::uint64_t payload_checks = main_payload_checks_;
     for (const auto& w : workers_) payload_checks += w.payload_checks;
     r_.stats = {{"blocks", cfg_.capacity},
@@ -240,7 +294,9 @@ class PoolRun {
                 {"handoffs", handoffs},
                 {"blocks_freed", freed_total()},
                 {"payload_checks", payload_checks},
-                {"invalid_releases", pool_.invalid_releases()}};
+                {"invalid_releases", pool_.invalid_releases()},
+                {"drains", drains_},
+                {"blocks_drained", blocks_drained_}};
     if (r_.epochs > 1) {
       r_.notes.push_back("quiescent checks at " + std::to_string(r_.epochs) + " pauses, one every " + std::to_string(cfg_.max_events) +
                          " operations per thread");
@@ -463,6 +519,7 @@ class PoolRun {
       // Fall back when the op has nothing to work on.
       if (op == kAllocate && me.spare.empty()) op = kRelease;
       if (op == kShare && (me.held.empty() || me.spare.empty())) op = me.spare.empty() ? kRelease : kAllocate;
+      live.begin(op);
       bool ok = false;
       switch (op) {
         case kAllocate: ok = allocate(me, w); break;
@@ -509,8 +566,56 @@ class PoolRun {
     }
   }
 
+  // Every block free_blocks() counts must be one that a try_allocate can take:
+  // a block counted free whose bit stayed set would make try_allocate scan
+  // forever, and the count checks cannot see it. With every worker parked,
+  // take all of them in one call (under the watchdog, which reports a call
+  // that never returns), check that they are exactly the blocks no owner
+  // holds, and release them again.
+  void check_drain(const std::string& when) {
+    const std::uint32_t free = pool_.free_blocks();
+    const std::span<BlockId> out(drain_.data(), free);
+    const std::uint64_t t0 = clock_.tick();
+    watchdog_.arm([] { return std::uint64_t{0}; },
+                  [free, when] {
+                    return "try_allocate(" + std::to_string(free) + ") on the main thread " + when +
+                           ", taking every block free_blocks() counts with every worker parked, never returned: blocks counted free that "
+                           "no allocation can take";
+                  });
+    const bool ok = pool_.try_allocate(out);
+    watchdog_.disarm();
+    const std::uint64_t t1 = clock_.tick();
+    const CallRef call{"try_allocate", free, t0, t1};
+    if (!ok) {
+      found_.add(make_violation("pool", "try_allocate(" + std::to_string(free) + ")" + at(t0, t1) + " " + when +
+                                            " failed, though free_blocks() was " + std::to_string(free) + " and no other call was in flight",
+                                {}, {call}));
+      return;
+    }
+    std::fill(drained_.begin(), drained_.end(), 0);
+    for (const BlockId b : out) {
+      if (b >= tags_.size() || drained_[b] != 0 || count_of(tags_[b].load(std::memory_order::relaxed)) != 0) {  // relaxed: workers are parked
+        const std::string why = b >= tags_.size() ? "out of range" : drained_[b] != 0 ? "twice" : "though an owner holds it";
+        found_.add(make_violation("owner", "try_allocate(" + std::to_string(free) + ")" + at(t0, t1) + " " + when + " returned block " +
+                                               std::to_string(b) + " " + why,
+                                  {b}, {call}));
+        return;  // the pool is broken: leave its blocks where they are
+      }
+      drained_[b] = 1;
+    }
+    ++drains_;
+    blocks_drained_ += free;
+    const std::size_t freed = pool_.release(out);
+    if (freed != free || pool_.free_blocks() != free) {
+      found_.add(make_violation("pool", "releasing the " + std::to_string(free) + " blocks drained " + when + " freed " + std::to_string(freed) +
+                                            " and left free_blocks() at " + std::to_string(pool_.free_blocks()),
+                                {}, {call}));
+    }
+  }
+
   bool pause() {
     check_quiescent("at a pause");
+    if (!found_.any()) check_drain("at a pause");
     return !found_.any();
   }
 
@@ -545,6 +650,10 @@ class PoolRun {
   std::vector<std::atomic<std::uint32_t>> mailbox_;  // handle + 1, or 0: shares on their way to another thread
   std::vector<Worker> workers_;
   std::uint64_t main_last_refs_ = 0, main_freed_ = 0, main_payload_checks_ = 0;
+  std::uint64_t drains_ = 0, blocks_drained_ = 0;  // check_drain's, for the stats
+  std::vector<BlockId> drain_;       // check_drain's output
+  std::vector<std::uint8_t> drained_;  // check_drain: blocks seen
+  Watchdog watchdog_;                // the epochs' and check_drain's
 };
 
 }  // namespace
@@ -553,6 +662,8 @@ void run_pool_target(const Config& cfg, Report& r) {
   if (cfg.capacity > scheduling::kMaxBlocks) throw std::invalid_argument("capacity above kMaxBlocks");
   if (cfg.target == Target::BrokenPool) {
     PoolRun<OverReleasingPool>(cfg, r, cfg.drop_every).run();
+  } else if (cfg.target == Target::BrokenPoolBits) {
+    PoolRun<LeakyPool>(cfg, r, cfg.drop_every).run();
   } else if (cfg.target == Target::BrokenPoolOrder) {
     PoolRun<UnorderedPool>(cfg, r).run();
   } else {

@@ -54,9 +54,10 @@ class SchedulerRun {
 
   void run() {
     Progress progress(cfg_);
+    Watchdog watchdog(cfg_);
     std::atomic<bool>& stop = stop_;
     drive(
-        cfg_, r_, progress, found_, stop, [this](unsigned w, std::uint64_t quota, LiveCount& live) { return work(w, quota, live); },
+        cfg_, r_, progress, found_, stop, watchdog, [this](unsigned w, std::uint64_t quota, LiveCount& live) { return work(w, quota, live); },
         [this] { return pause(); });
     std::vector<OpCounts> counts;
     std::uint64_t full = 0;
@@ -325,6 +326,7 @@ class SchedulerRun {
     // relaxed: a request to stop soon; the barrier after this epoch publishes everything else
     while (done < quota && !stop_.load(std::memory_order::relaxed)) {
       const std::size_t op = picker_.pick(me.rng);
+      live.begin(op);
       bool ok = false;
       switch (op) {
         case kSchedule: {

@@ -28,6 +28,7 @@ enum class Target {
   BrokenEmpty,       ///< a mutex queue whose next() and peek() report nothing on every drop_every-th call
   BrokenPool,        ///< a BlockPool that, every drop_every-th release of a shared block, drops a reference too many
   BrokenPoolOrder,   ///< a pool right in every count but with every atomic relaxed (caught under ThreadSanitizer only)
+  BrokenPoolBits,    ///< a BlockPool that keeps every drop_every-th freed block, yet counts it free (a bit left set)
   BrokenEngine,      ///< an Engine whose plans leave out every drop_every-th preemption (when built)
   BrokenEngineOrder, ///< an Engine that queues and preempts every task as Normal (when built)
 };
@@ -74,8 +75,14 @@ struct Config {
   std::size_t max_findings = 3;
   /// broken-dropping: loses tasks whose id is a multiple of this.
   /// broken-pool: over-releases on every this-th release of a shared block.
+  /// broken-pool-bits: keeps every this-th block a release frees.
   /// broken-engine: leaves every this-th preemption out of the plans.
   std::uint64_t drop_every = 100;
+  /// Seconds without progress (no operation finished, or one guarded check
+  /// still running) after which the run is declared stalled: it prints what
+  /// each thread was doing and ends the process with status 1, since a call
+  /// that never returns cannot be joined. 0: never.
+  double stall_seconds = 60;
   /// A progress line with live throughput on `progress_stream` (a terminal).
   bool progress = false;
   std::ostream* progress_stream = nullptr;
