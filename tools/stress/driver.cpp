@@ -258,7 +258,8 @@ void sum_ops(Report& r, const Mix& mix, const std::vector<OpCounts>& counts) {
   }
 }
 
-Watchdog::Watchdog(const Config& cfg) : stall_seconds_(cfg.stall_seconds), seed_(cfg.seed) {
+Watchdog::Watchdog(const Config& cfg)
+    : stall_seconds_(cfg.stall_seconds), seed_(cfg.seed), progress_line_(cfg.progress && cfg.progress_stream != nullptr) {
   if (stall_seconds_ > 0) thread_ = std::thread([this] { watch(); });
 }
 
@@ -321,6 +322,7 @@ void Watchdog::watch() {
     out << "FAIL: 1 violation (stall)\n  first violation: stall: no progress for " << std::fixed << std::setprecision(1) << stuck
         << " s: " << describe_() << "\n  seed " << seed_
         << ": the stuck threads can be neither stopped nor joined, so the run ends here (exit status 1, no summary, no JSON)\n";
+    if (progress_line_) std::fputs("\n", stderr);  // end the progress line
     std::fputs(out.str().c_str(), stdout);
     std::fflush(stdout);
     std::_Exit(1);
@@ -359,6 +361,15 @@ void drive(const Config& cfg, Report& r, Progress& progress, const Collector& fo
     for (const auto& l : live) sum += l.ops.load(std::memory_order::relaxed);  // relaxed: a statistic for the progress line
     return sum;
   };
+  // The watchdog's progress: the operations of workers not merely keeping others company.
+  auto watched_ops = [&] {
+    std::uint64_t sum = 0;
+    for (const auto& l : live) {
+      // relaxed (both): a statistic; a stall is judged over seconds
+      if (l.op.load(std::memory_order::relaxed) != kOpServing) sum += l.ops.load(std::memory_order::relaxed);
+    }
+    return sum;
+  };
   // For the watchdog: what each worker that has not finished its epoch is doing.
   auto describe = [&] {
     std::ostringstream out;
@@ -376,6 +387,8 @@ void drive(const Config& cfg, Report& r, Progress& progress, const Collector& fo
         out << " before its first operation";
       } else if (op == kOpDraining) {
         out << " past its " << done << " operations (waiting for the others, or draining)";
+      } else if (op == kOpServing) {
+        out << " past its quota, serving while the others work (operation " << done + 1 << ")";
       } else {
         out << " in " << (op < cfg.mix.size() ? cfg.mix[op].first : "operation " + std::to_string(op)) << " (operation " << done + 1
             << " of its epoch)";
@@ -391,7 +404,7 @@ void drive(const Config& cfg, Report& r, Progress& progress, const Collector& fo
       active.store(n);
       for (auto& l : live) l.op.store(kOpIdle, std::memory_order::relaxed);  // relaxed: workers are parked at the barrier
       const auto t0 = Clock::now();
-      watchdog.arm(live_ops, describe);
+      watchdog.arm(watched_ops, describe);
       go.arrive_and_wait();
       while (active.load() > 0) {
         const double elapsed = measured + std::chrono::duration<double>(Clock::now() - t0).count();

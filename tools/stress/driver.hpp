@@ -76,6 +76,7 @@ class Progress {
 inline constexpr std::uint32_t kOpIdle = 0xFFFF'FFFF;      ///< has not begun an operation this epoch
 inline constexpr std::uint32_t kOpFinished = 0xFFFF'FFFE;  ///< returned from its epoch's work
 inline constexpr std::uint32_t kOpDraining = 0xFFFF'FFFD;  ///< past its operations, waiting or draining (engine loop)
+inline constexpr std::uint32_t kOpServing = 0xFFFF'FFFC;   ///< past its quota, serving while others work (engine loop): not progress
 
 /// Per-thread count of operations done, read by the progress line and the
 /// watchdog, and the operation under way, read by the watchdog.
@@ -142,9 +143,11 @@ constexpr std::uint64_t mix64(std::uint64_t x) {
 /// cfg.stall_seconds, it prints a FAIL line naming a "stall" violation with
 /// describe()'s account and the seed, and ends the process with status 1
 /// (std::_Exit: a thread stuck in a call can be neither stopped nor joined,
-/// so no summary or JSON file is written). Lock-free calls finish whatever
-/// the other threads do, so a stall is a call that never returns (a livelock,
-/// a spin on a state nobody will write), or a check that never ends.
+/// so no summary or JSON file is written). Of the lock-free calls under test
+/// some call always finishes, so a stall is a call that never returns (a
+/// livelock, a spin on a state nobody will write), or a check that never ends.
+/// The limit is wall time: a process stopped (SIGSTOP, a debugger) for longer
+/// is reported when it resumes; run with stall_seconds 0 to debug.
 class Watchdog {
  public:
   explicit Watchdog(const Config& cfg);  // no thread when stall_seconds is 0
@@ -160,6 +163,7 @@ class Watchdog {
   void watch();
   double stall_seconds_;
   std::uint64_t seed_;
+  bool progress_line_;  // a progress line may be half written on stderr
   std::mutex mutex_;
   std::condition_variable wake_;
   bool quit_ = false, armed_ = false;
@@ -177,7 +181,8 @@ class Watchdog {
 /// drains) and returns false to end the run. Fills seconds, check_seconds,
 /// total_ops and epochs of `r`. `watchdog` is armed while the workers run:
 /// their operation counts are the progress (a worker calls live.begin(op)
-/// before each operation and counts it in live.ops when it returns).
+/// before each operation and counts it in live.ops when it returns; those of
+/// a worker in kOpServing are left out).
 void drive(const Config& cfg, Report& r, Progress& progress, const Collector& found, std::atomic<bool>& stop, Watchdog& watchdog,
            const std::function<std::uint64_t(unsigned, std::uint64_t, LiveCount&)>& work, const std::function<bool()>& pause);
 

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <fstream>
 #include <iostream>
 #include <random>
@@ -116,6 +117,8 @@ int main(int argc, char** argv) {
 
   // The seed first, so that a crash can be replayed.
   std::cout << kProgram << ": target " << target_name << ", seed " << seed << std::endl;
+  // A stalled run writes no JSON: leave no earlier run's file to pass for this one's.
+  if (!json_path.empty()) std::remove(json_path.c_str());
   st::Report report;
   try {
 #ifdef TGI_STRESS_CHAOS

@@ -1049,7 +1049,9 @@ class EngineRun {
     while (loop_has_ops_ && (done < quota || producers_active_.load() != 0) && !stop_.load(std::memory_order::relaxed)) {  // relaxed: a request to stop soon
       std::size_t op = loop_picker_->pick(me.rng);
       if ((op == kAppend || op == kFinish) && running_ids_.empty()) op = kStep;
-      live.begin(op);
+      // Past its quota the loop only keeps the producers company: the watchdog
+      // leaves those calls out, or a producer that never returns would go unseen.
+      live.begin(done < quota ? op : kOpServing);
       bool ok = true;
       switch (op) {
         case kSubmit: ok = submit(me); break;
