@@ -37,7 +37,7 @@
 //   (1, 0) claiming  (1, 1) held      count.store(1) (4)               the same try_allocate
 //   (1, c>0)         (1, c+1)         count CAS c -> c+1 (R)           retain, by a holder
 //   (1, c>1)         (1, c-1)         count CAS c -> c-1 (D)           release, by a holder
-//   (1, 1)           (1, 0) freeing   count CAS 1 -> 0 (D)             release, by the last holder
+//   (1, 1)           (1, 0) freeing   count load 1 (D0), store 0 (D')  release, by the last holder
 //   (1, 0) freeing   (0, 0) free      word.fetch_and (5), then         the same release
 //                                     free_.fetch_add (6)
 //   count == 0       unchanged        retain / release of it rejected, any thread
@@ -46,9 +46,10 @@
 // Invariants (numbered where the code keeps them):
 //   I1  A count goes 0 -> 1 only by the store (4) of the thread whose CAS (3)
 //       set the block's bit; every other change is a CAS from a nonzero value
-//       (R, D). So retain/release can never resurrect a free block, and
-//       count > 0 implies the bit is set: the bit is set before the count
-//       becomes 1 and cleared only after it became 0.
+//       (R, D) or the last holder's store of 0 (D'). So retain/release can
+//       never resurrect a free block, and count > 0 implies the bit is set:
+//       the bit is set before the count becomes 1 and cleared only after it
+//       became 0.
 //   I2  Pad bits are set at construction and never cleared (release clears
 //       only bits of in-range ids whose count it took to 0).
 //   I3  free_ never goes below zero (the reserve CAS (1) checks) and each unit
@@ -63,6 +64,16 @@
 //       them back, and a concurrent caller could fail for want of them.)
 //   I4  Quiescent (no call in flight): free_blocks() == number of blocks with
 //       count 0 == number of clear non-pad bits == N - blocks held.
+//   I5  A bit is counted free (in release()'s result and in free_ (6)) only
+//       by the release whose fetch_and (5) found it set. The last holder takes
+//       the count from 1 to 0 with a plain store (D'), not a CAS: only a holder
+//       may retain, so when the count reads 1 nobody else can change it. Two
+//       releases of that one reference (a double release, a misuse) racing on
+//       two threads may then both store 0; the word picks one, and the other
+//       counts the id in invalid_releases(), as a CAS 1 -> 0 that failed would.
+//       (A retain by a thread holding no reference, also a misuse, may be
+//       overwritten by (D'): the block is freed under it, and that thread's
+//       later release is a release of a free block.)
 //
 // What an observer sees while calls are in flight: a block being allocated is
 // already out of free_blocks() (reserved) but may still show ref_count 0
@@ -87,6 +98,11 @@
 //   (D) release CAS, acq_rel: release publishes this holder's accesses to the
 //       block; acquire, for the holder that reaches 0, collects every other
 //       holder's (std::shared_ptr's decrement). (5) then passes them on.
+//   (D0) count load, acquire: pairs with the release half of every other
+//       holder's (D); a 1 read means they all dropped theirs, and their
+//       accesses happen-before this holder's store (D') and (5).
+//   (D') count store 0, relaxed: (5), a release after it in this thread,
+//       orders it before the next owner's store (4), which follows (3).
 //   (5) bit clear fetch_and, release: pairs with (3).
 //   (6) free_ fetch_add, release: pairs with (1).
 //
@@ -284,8 +300,17 @@ std::size_t BlockPool::release(std::span<const BlockId> blocks) noexcept {
   std::uint32_t pending_word = kNoWord;
   std::uint64_t pending_mask = 0;
   const auto flush = [&]() noexcept {
+    if (pending_mask == 0) return;
     // (5) release pairs with (3): passes every holder's accesses to the next owner.
-    if (pending_mask != 0) words_[pending_word].bits.fetch_and(~pending_mask, std::memory_order::release);
+    const std::uint64_t old = words_[pending_word].bits.fetch_and(~pending_mask, std::memory_order::release);
+    if ((old & pending_mask) != pending_mask) [[unlikely]] {
+      // I5: a bit already clear was freed by a racing double release (both
+      // took the count to 0, at least one through the plain store (D')): the
+      // word decides, and this call's share is a rejected id, not a free.
+      const auto lost = static_cast<std::uint32_t>(std::popcount(pending_mask & ~old));
+      freed -= lost;
+      invalid += lost;
+    }
   };
   for (const BlockId id : blocks) {
     if (id >= num_blocks_) {
@@ -293,12 +318,22 @@ std::size_t BlockPool::release(std::span<const BlockId> blocks) noexcept {
       continue;
     }
     std::atomic<std::uint32_t>& count = counts_[id];
-    // Relaxed: a first guess for the CAS, which re-reads.
-    std::uint32_t c = count.load(std::memory_order::relaxed);
-    do {
-      if (c == 0) break;  // I1: a free or in-flight block is not ours to release
-      // (D) acq_rel: publish our accesses; the last holder acquires everyone's.
-    } while (!count.compare_exchange_weak(c, c - 1, std::memory_order::acq_rel, std::memory_order::relaxed));
+    // (D0) acquire pairs with the release half of the other holders' (D): a 1
+    // read here comes after every other reference was dropped, and their
+    // accesses to the block happen-before ours (then (5) passes them on).
+    std::uint32_t c = count.load(std::memory_order::acquire);
+    if (c == 1) {
+      // The last reference, and it is ours: no one else may retain (only a
+      // holder may), so no read-modify-write is needed (libstdc++'s
+      // shared_ptr release fast path, GCC 12). (D') relaxed: the release
+      // fetch_and (5) below orders it before the next owner's store (4).
+      count.store(0, std::memory_order::relaxed);
+    } else {
+      do {
+        if (c == 0) break;  // I1: a free or in-flight block is not ours to release
+        // (D) acq_rel: publish our accesses; the last holder acquires everyone's.
+      } while (!count.compare_exchange_weak(c, c - 1, std::memory_order::acq_rel, std::memory_order::relaxed));
+    }
     if (c == 0) {
       ++invalid;
       continue;

@@ -64,6 +64,23 @@ std::vector<std::uint32_t> all_counts(const BlockPool& pool) {
   return c;
 }
 
+// Two threads meet at each arrive() and leave it within a few cache-line
+// transfers of each other (std::barrier may sleep in the kernel and wake them
+// microseconds apart). Yields while it waits, so that it also ends on one core.
+class SpinBarrier {
+ public:
+  void arrive() {
+    // Seq_cst: a test helper; the count of arrivals is all it needs.
+    const std::uint64_t target = (arrived_.fetch_add(1) / 2 + 1) * 2;
+    for (unsigned spins = 0; arrived_.load() < target; ++spins) {
+      if (spins % 64 == 63) std::this_thread::yield();
+    }
+  }
+
+ private:
+  std::atomic<std::uint64_t> arrived_{0};
+};
+
 BlockAllocatorConfig small_config(std::uint32_t blocks, std::uint32_t block_size) {
   BlockAllocatorConfig c = BlockAllocatorConfig::with_blocks(blocks);
   c.block_size = block_size;
@@ -1119,5 +1136,56 @@ TEST_SUITE("stress") {
     CHECK(pool.free_blocks() == kBlocks);
     CHECK(pool.invalid_releases() == 0);
     CHECK(all_counts(pool) == std::vector<std::uint32_t>(kBlocks, 0));
+  }
+
+  // A misuse the pool still accounts for: two threads release the one
+  // reference of the same blocks at once. The last holder drops a count of 1
+  // with a plain store, so both may take a count to 0; exactly one of them
+  // must free the block (and count it in free_blocks()), the other must count
+  // a rejected id. No allocation runs meanwhile (with one, a late second
+  // release could drop the new owner's reference, which nothing can detect).
+  TEST_CASE("two threads releasing the same last references free each block once and count the other release") {
+    const std::uint64_t rounds = tgi_test::iterations(2'000);
+    MESSAGE("rounds = " << rounds);
+    // 64 blocks: 16-bit words; one release call a block, the two threads in
+    // step, block by block.
+    constexpr std::uint32_t kBlocks = 64;
+    BlockPool pool(kBlocks);
+    std::barrier sync(2);
+    SpinBarrier step;
+    std::vector<BlockId> held;
+    std::array<std::uint64_t, 2> freed{};
+    std::uint64_t expected_invalid = 0;
+    auto releaser = [&](unsigned t) {
+      for (std::uint64_t r = 0; r < rounds; ++r) {
+        sync.arrive_and_wait();  // thread 0 (this test's thread) holds every block
+        for (const BlockId b : held) {
+          step.arrive();  // the two threads release each block at the same moment
+          freed[t] += pool.release(std::span<const BlockId>(&b, 1));
+        }
+        sync.arrive_and_wait();
+        if (t == 0) {
+          // Between rounds, on one thread: the pool is whole again.
+          const bool whole = pool.free_blocks() == kBlocks && all_counts(pool) == std::vector<std::uint32_t>(kBlocks, 0);
+          expected_invalid += kBlocks;
+          if (!whole || freed[0] + freed[1] != (r + 1) * kBlocks || pool.invalid_releases() != expected_invalid) {
+            FAIL_CHECK("round " << r << ": freed " << freed[0] + freed[1] << " (expected " << (r + 1) * kBlocks << "), invalid "
+                                << pool.invalid_releases() << " (expected " << expected_invalid << "), free "
+                                << pool.free_blocks());
+          }
+          held.assign(kBlocks, kSentinel);
+          if (!pool.try_allocate(held)) FAIL_CHECK("round " << r << ": the whole pool could not be taken again");
+        }
+      }
+    };
+    held = take(pool, kBlocks);
+    std::thread other(releaser, 1u);
+    releaser(0);
+    other.join();
+    CHECK(freed[0] + freed[1] == rounds * kBlocks);
+    CHECK(pool.invalid_releases() == rounds * kBlocks);
+    MESSAGE("blocks freed by thread 0: " << freed[0] << ", by thread 1: " << freed[1]);
+    CHECK(pool.release(held) == kBlocks);
+    CHECK(pool.free_blocks() == kBlocks);
   }
 }

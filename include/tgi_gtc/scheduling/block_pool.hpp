@@ -64,8 +64,10 @@ class BlockPool {
   [[nodiscard]] bool try_allocate(std::span<BlockId> out) noexcept;
 
   /// Adds one reference to each block (a shared prefix, a fork). The caller
-  /// must hold a reference to each. An id that is free, out of range, or whose
-  /// count is already UINT32_MAX is skipped and counted in invalid_releases().
+  /// must hold a reference to each (the last holder's release drops a count
+  /// of 1 with a plain store, so a retain by a non-holder racing it may be
+  /// lost). An id that is free, out of range, or whose count is already
+  /// UINT32_MAX is skipped and counted in invalid_releases().
   /// Concurrent with anything.
   void retain(std::span<const BlockId> blocks) noexcept;
 
@@ -81,8 +83,9 @@ class BlockPool {
   /// id drops one reference per occurrence (a repeat beyond the references
   /// held is a double release: bits are cleared as the call goes, so a
   /// concurrent try_allocate may take the block between two occurrences, and
-  /// the later one then drops the new owner's reference, uncounted).
-  /// Concurrent with anything.
+  /// the later one then drops the new owner's reference, uncounted). Two
+  /// threads releasing the same last reference at once: one frees the block,
+  /// the other's id is counted in invalid_releases(). Concurrent with anything.
   [[nodiscard]] std::size_t release(std::span<const BlockId> blocks) noexcept;
 
   /// Rejected ids so far: releases AND retains of a free or out-of-range
