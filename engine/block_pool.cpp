@@ -47,14 +47,18 @@
 //   I1  A count goes 0 -> 1 only by the store (4) of the thread whose CAS (3)
 //       set the block's bit; every other change is a CAS from a nonzero value
 //       (R, D) or the last holder's store of 0 (D'). So retain/release can
-//       never resurrect a free block, and count > 0 implies the bit is set:
+//       never resurrect a free block, and, while callers keep the contract
+//       (only a holder retains or releases), count > 0 implies the bit is set:
 //       the bit is set before the count becomes 1 and cleared only after it
-//       became 0.
+//       became 0. (A misuse can break this one: see I5.)
 //   I2  Pad bits are set at construction and never cleared (release clears
 //       only bits of in-range ids whose count it took to 0).
 //   I3  free_ never goes below zero (the reserve CAS (1) checks) and each unit
 //       of it stands for a clear bit: a release clears its bits (5) before it
-//       adds them (6); an allocation subtracts k (1) before it claims k bits.
+//       adds them (6), and adds only the bits its fetch_and found set (I5), so
+//       one unit for each set -> clear change of a bit; an allocation
+//       subtracts k (1) before it claims k bits (clear -> set). This holds
+//       whatever the callers do, misuse included.
 //       Hence free_ + (reserved, not yet claimed) <= clear bits at every step:
 //       a reservation of k is always backed by k clear bits, so the claim loop
 //       terminates with exactly k and never rolls back. This is what makes
@@ -65,15 +69,24 @@
 //   I4  Quiescent (no call in flight): free_blocks() == number of blocks with
 //       count 0 == number of clear non-pad bits == N - blocks held.
 //   I5  A bit is counted free (in release()'s result and in free_ (6)) only
-//       by the release whose fetch_and (5) found it set. The last holder takes
-//       the count from 1 to 0 with a plain store (D'), not a CAS: only a holder
-//       may retain, so when the count reads 1 nobody else can change it. Two
-//       releases of that one reference (a double release, a misuse) racing on
-//       two threads may then both store 0; the word picks one, and the other
-//       counts the id in invalid_releases(), as a CAS 1 -> 0 that failed would.
-//       (A retain by a thread holding no reference, also a misuse, may be
-//       overwritten by (D'): the block is freed under it, and that thread's
-//       later release is a release of a free block.)
+//       by the release whose fetch_and (5) found it set, once: a release puts
+//       each bit in its pending mask at most once (a repeat of an id still
+//       pending is rejected before the count is read). The last holder takes
+//       the count from 1 to 0 with a plain store (D'), not a CAS: only a
+//       holder may retain, so when the count reads 1 nobody else can change
+//       it. Two releases of that one reference (a double release, a misuse)
+//       racing on two threads may then both store 0; the word picks one, and
+//       the other counts the id in invalid_releases(), as a CAS 1 -> 0 that
+//       failed would. That holds while no try_allocate takes the block
+//       between the two; if one does, the late release clears the new
+//       owner's bit (and its count, if its store comes after the new
+//       owner's): the block is free while its owner holds it (count 1 with
+//       the bit clear, or count 0), as the CAS's ABA did before (a late CAS
+//       1 -> 0 dropped the new owner's reference). free_ stays exact (I3),
+//       so try_allocate never waits for bits that do not exist. A retain by
+//       a thread holding no reference, also a misuse, may be overwritten by
+//       (D'): the block is freed under it, and that thread's later release
+//       is one of a free block, or drops a new owner's reference.
 //
 // What an observer sees while calls are in flight: a block being allocated is
 // already out of free_blocks() (reserved) but may still show ref_count 0
@@ -113,8 +126,8 @@
 // reserved callers (a bounded number) can take, so a pass fails only because
 // another call claimed bits.
 // Lock-free. A thread preempted after (1) holds its reservation, as if it held
-// the blocks; one preempted between (D) and (6) delays only the visibility of
-// its freed blocks in free_.
+// the blocks; one preempted between (D) or (D') and (6) delays only the
+// visibility of its freed blocks in free_.
 #include <tgi_gtc/scheduling/block_pool.hpp>
 
 #include <algorithm>
@@ -133,6 +146,24 @@ struct alignas(64) BitmapWord {
 static_assert(sizeof(BitmapWord) == 64 && alignof(BitmapWord) == 64, "one word a cache line");
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free);
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
+
+#ifdef TGI_GTC_TEST_HOOKS
+// Test builds only (tgi_gtc_scheduling_hooks, as the Scheduler's hooks in
+// scheduler.cpp), with the block id: called by release() when it read a count
+// of 1, before it stores 0 (D'); and when a block it took to 0 waits in the
+// pending mask for its bit clear (5). A test stalls a release there to force
+// the double-release races of I5.
+void (*g_release_last_ref_hook)(std::uint64_t id) = nullptr;
+void (*g_release_pending_hook)(std::uint64_t id) = nullptr;
+// Each reads its pointer once: a test may clear it while another thread passes it.
+#define TGI_GTC_RELEASE_LAST_REF(id) \
+  if (auto* hook_ = detail::g_release_last_ref_hook) hook_(id)
+#define TGI_GTC_RELEASE_PENDING(id) \
+  if (auto* hook_ = detail::g_release_pending_hook) hook_(id)
+#else
+#define TGI_GTC_RELEASE_LAST_REF(id)
+#define TGI_GTC_RELEASE_PENDING(id)
+#endif
 }  // namespace detail
 
 namespace {
@@ -307,6 +338,7 @@ std::size_t BlockPool::release(std::span<const BlockId> blocks) noexcept {
       // I5: a bit already clear was freed by a racing double release (both
       // took the count to 0, at least one through the plain store (D')): the
       // word decides, and this call's share is a rejected id, not a free.
+      // A rare path: popcount's cost (a library call without -mpopcnt) is moot.
       const auto lost = static_cast<std::uint32_t>(std::popcount(pending_mask & ~old));
       freed -= lost;
       invalid += lost;
@@ -317,12 +349,23 @@ std::size_t BlockPool::release(std::span<const BlockId> blocks) noexcept {
       ++invalid;
       continue;
     }
+    const std::uint32_t w = id >> shift_;
+    const std::uint64_t bit = std::uint64_t{1} << (id & ((std::uint32_t{1} << shift_) - 1));
+    if (w == pending_word && (pending_mask & bit) != 0) [[unlikely]] {
+      // This call took the block to 0 already and has not cleared its bit: a
+      // repeat beyond the references held. Rejected before the count is read,
+      // so that it neither stores over a new owner's count nor counts one
+      // bit clear twice (I5).
+      ++invalid;
+      continue;
+    }
     std::atomic<std::uint32_t>& count = counts_[id];
     // (D0) acquire pairs with the release half of the other holders' (D): a 1
     // read here comes after every other reference was dropped, and their
     // accesses to the block happen-before ours (then (5) passes them on).
     std::uint32_t c = count.load(std::memory_order::acquire);
     if (c == 1) {
+      TGI_GTC_RELEASE_LAST_REF(id);
       // The last reference, and it is ours: no one else may retain (only a
       // holder may), so no read-modify-write is needed (libstdc++'s
       // shared_ptr release fast path, GCC 12). (D') relaxed: the release
@@ -339,14 +382,14 @@ std::size_t BlockPool::release(std::span<const BlockId> blocks) noexcept {
       continue;
     }
     if (c != 1) continue;  // others still hold it
-    const std::uint32_t w = id >> shift_;
     if (w != pending_word) {
       flush();
       pending_word = w;
       pending_mask = 0;
     }
-    pending_mask |= std::uint64_t{1} << (id & ((std::uint32_t{1} << shift_) - 1));
+    pending_mask |= bit;
     ++freed;
+    TGI_GTC_RELEASE_PENDING(id);
   }
   flush();
   if (freed != 0) {

@@ -85,12 +85,18 @@ class BlockPool {
   /// concurrent try_allocate may take the block between two occurrences, and
   /// the later one then drops the new owner's reference, uncounted). Two
   /// threads releasing the same last reference at once: one frees the block,
-  /// the other's id is counted in invalid_releases(). Concurrent with anything.
+  /// the other's id is counted in invalid_releases() (unless a try_allocate
+  /// takes the block between the two: then the late one frees it under its
+  /// new owner, as any double release after a re-allocation). Whatever the
+  /// misuse, free_blocks() counts only blocks whose bits are clear, so
+  /// try_allocate never waits for blocks that do not exist. Concurrent with
+  /// anything.
   [[nodiscard]] std::size_t release(std::span<const BlockId> blocks) noexcept;
 
   /// Rejected ids so far: releases AND retains of a free or out-of-range
-  /// block, and retains that would overflow a count. Such a call changes
-  /// nothing else. (A release of a block that someone else holds cannot be
+  /// block, retains that would overflow a count, and the losing release of
+  /// two that raced on the same last reference. Such a call changes nothing
+  /// else. (A release of a block that someone else holds cannot be
   /// told from a legitimate one: it drops their reference.)
   std::size_t invalid_releases() const noexcept;
 
