@@ -66,12 +66,14 @@
 //       undo, so no other caller can ever see capacity transiently missing.
 //       (Without the counter, a batch that found k-1 bits would have to give
 //       them back, and a concurrent caller could fail for want of them.)
-//   I4  Quiescent (no call in flight): free_blocks() == number of blocks with
-//       count 0 == number of clear non-pad bits == N - blocks held.
+//   I4  Quiescent (no call in flight): free_blocks() == number of clear
+//       non-pad bits (by I3, whatever the callers did), and, while callers keep
+//       the contract, == number of blocks with count 0 == N - blocks held.
 //   I5  A bit is counted free (in release()'s result and in free_ (6)) only
-//       by the release whose fetch_and (5) found it set, once: a release puts
-//       each bit in its pending mask at most once (a repeat of an id still
-//       pending is rejected before the count is read). The last holder takes
+//       by the release whose fetch_and (5) found it set, once: between two
+//       flushes of a word, a release puts each of its bits in the pending mask
+//       at most once (a repeat of an id still pending is rejected before the
+//       count is read). The last holder takes
 //       the count from 1 to 0 with a plain store (D'), not a CAS: only a
 //       holder may retain, so when the count reads 1 nobody else can change
 //       it. Two releases of that one reference (a double release, a misuse)
@@ -92,8 +94,9 @@
 // already out of free_blocks() (reserved) but may still show ref_count 0
 // (claimed, count not yet stored); a block being released shows ref_count 0
 // before free_blocks() counts it again. By I1 and I3, free_blocks() never
-// exceeds the blocks with count 0; it may lag them by the blocks inside
-// in-flight calls, and equals them when none is (I4).
+// exceeds the blocks with count 0 (under the contract; I5 for misuses); it may
+// lag them by the blocks inside in-flight calls, and equals them when none is
+// (I4).
 //
 // Memory orderings (numbers as in the code):
 //   (1) reserve CAS on free_, acquire: pairs with the release fetch_add (6):

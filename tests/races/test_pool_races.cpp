@@ -52,6 +52,12 @@ class ReleaseThread {
     thread_.join();
     return result_;
   }
+  // A test that stops early (a failed REQUIRE) still joins, or reports why not.
+  ~ReleaseThread() {
+    if (thread_.joinable()) join();
+  }
+  ReleaseThread(const ReleaseThread&) = delete;
+  ReleaseThread& operator=(const ReleaseThread&) = delete;
 
  private:
   std::vector<BlockId> ids_;
@@ -60,9 +66,11 @@ class ReleaseThread {
   std::thread thread_;
 };
 
-// 8 blocks, two a word (sbitmap's narrow words for small pools): blocks 0 and
-// 1 share word 0. Every block is held, so an allocation can only get a block
-// the test frees.
+// 8 blocks, two a word (sbitmap's narrow words for small pools): blocks A = 2
+// and B = 3 share word 1 (not block 0: StallAt's held_at starts at 0). Every
+// block is held, so an allocation can only get a block the test frees.
+constexpr BlockId kA = 2;
+constexpr BlockId kB = 3;
 struct FullPool {
   BlockPool pool{8};
   FullPool() {
@@ -92,48 +100,48 @@ struct FullPool {
 TEST_CASE("a release that read the last reference of a block freed meanwhile by another release counts it as rejected") {
   FullPool f;
   LastRefStall stall;
-  // Releases blocks 0 and 1 (one word): stalled after reading block 0's count of 1.
-  ReleaseThread late(f.pool, {0, 1});
+  // Releases blocks A and B (one word): stalled after reading A's count of 1.
+  ReleaseThread late(f.pool, {kA, kB});
   stall.wait_held();
-  CHECK(stall.held_at == 0);
+  CHECK(stall.held_at == kA);
   // The same reference again, here: the count still reads 1, so this release
-  // frees block 0 (a double release with the stalled one).
-  CHECK(f.pool.release(std::vector<BlockId>{0}) == 1);
+  // frees block A (a double release with the stalled one).
+  CHECK(f.pool.release(std::vector<BlockId>{kA}) == 1);
   CHECK(f.pool.free_blocks() == 1);
   stall.release();
-  // Block 0's bit is clear already: the late release frees only block 1 and
-  // counts block 0 as a rejected id (a partial loss inside one word's mask).
+  // A's bit is clear already: the late release frees only B and counts A as
+  // a rejected id (a partial loss inside one word's mask).
   CHECK(late.join() == 1);
   CHECK(f.pool.invalid_releases() == 1);
   CHECK(f.pool.free_blocks() == 2);
-  CHECK(f.pool.ref_count(0) == 0);
-  CHECK(f.pool.ref_count(1) == 0);
+  CHECK(f.pool.ref_count(kA) == 0);
+  CHECK(f.pool.ref_count(kB) == 0);
   const std::vector<BlockId> again = f.take(2);
-  CHECK(((again[0] == 0 && again[1] == 1) || (again[0] == 1 && again[1] == 0)));
+  CHECK(((again[0] == kA && again[1] == kB) || (again[0] == kB && again[1] == kA)));
   CHECK(f.pool.free_blocks() == 0);
 }
 
 TEST_CASE("a repeated id that finds its block re-allocated while its first occurrence waits for the bit clear is rejected") {
   FullPool f;
   LastRefStall first;
-  // A release of block 0, stalled after reading its count of 1.
-  ReleaseThread single(f.pool, {0});
+  // A release of block A, stalled after reading its count of 1.
+  ReleaseThread single(f.pool, {kA});
   first.wait_held();
+  CHECK(first.held_at == kA);
   PendingStall second;
-  // Block 0 twice in one call: the first occurrence also reads 1 (the stalled
+  // A twice in one call: the first occurrence also reads 1 (the stalled
   // release has not stored 0 yet), stores 0 and waits in the mask, stalled.
-  ReleaseThread twice(f.pool, {0, 0});
+  ReleaseThread twice(f.pool, {kA, kA});
   second.wait_held();
-  CHECK(second.held_at == 0);
-  // The single release goes on: it clears block 0's bit and counts it free.
+  CHECK(second.held_at == kA);
+  // The single release goes on: it clears A's bit and counts it free.
   first.release();
   CHECK(single.join() == 1);
   CHECK(f.pool.free_blocks() == 1);
-  // A new owner takes block 0 (the only clear bit).
-  const std::vector<BlockId> owner = f.take(1);
-  REQUIRE(owner[0] == 0);
-  CHECK(f.pool.ref_count(0) == 1);
-  // The second occurrence finds block 0 pending in its own call: rejected
+  // A new owner takes A (the only clear bit).
+  CHECK(f.take(1)[0] == kA);
+  CHECK(f.pool.ref_count(kA) == 1);
+  // The second occurrence finds A pending in its own call: rejected
   // before its count is read, so the new owner's count stays. (Counting it
   // would put two units in free_ for the one bit the call clears, and a
   // try_allocate of both would wait for good.) The call's fetch_and then
@@ -141,9 +149,8 @@ TEST_CASE("a repeated id that finds its block re-allocated while its first occur
   second.release();
   CHECK(twice.join() == 1);
   CHECK(f.pool.invalid_releases() == 1);
-  CHECK(f.pool.ref_count(0) == 1);
-  CHECK(f.pool.free_blocks() == 1);
-  REQUIRE(f.pool.free_blocks() == 1);
-  CHECK(f.take(1)[0] == 0);
+  CHECK(f.pool.ref_count(kA) == 1);
+  REQUIRE(f.pool.free_blocks() == 1);  // else the take below would wait for good
+  CHECK(f.take(1)[0] == kA);
   CHECK(f.pool.free_blocks() == 0);
 }

@@ -81,9 +81,10 @@ class BlockPool {
   /// free again. Returns how many became free. An id that is free (count 0)
   /// or out of range is skipped and counted in invalid_releases(); a repeated
   /// id drops one reference per occurrence (a repeat beyond the references
-  /// held is a double release: bits are cleared as the call goes, so a
-  /// concurrent try_allocate may take the block between two occurrences, and
-  /// the later one then drops the new owner's reference, uncounted). Two
+  /// held is a double release, counted in invalid_releases(); but bits are
+  /// cleared as the call goes, so a concurrent try_allocate may take the
+  /// block between two occurrences, and the later one then frees it under
+  /// its new owner, counted as a free). Two
   /// threads releasing the same last reference at once: one frees the block,
   /// the other's id is counted in invalid_releases() (unless a try_allocate
   /// takes the block between the two: then the late one frees it under its
@@ -96,15 +97,17 @@ class BlockPool {
   /// Rejected ids so far: releases AND retains of a free or out-of-range
   /// block, retains that would overflow a count, and the losing release of
   /// two that raced on the same last reference. Such a call changes nothing
-  /// else. (A release of a block that someone else holds cannot be
+  /// else (the losing racer has stored 0 over the count, which misuses
+  /// combined may make a new owner's). (A release of a block that someone else holds cannot be
   /// told from a legitimate one: it drops their reference.)
   std::size_t invalid_releases() const noexcept;
 
   std::uint32_t total_blocks() const noexcept;
 
-  /// Blocks a try_allocate could take now. Exact when no call is in flight;
-  /// during a release it may lag the blocks whose count already reached 0
-  /// (never the other way: it never counts a block that is not free).
+  /// Blocks a try_allocate could take now: never more than the blocks whose
+  /// bits are clear, whatever the callers do. While callers keep the contract,
+  /// exact when no call is in flight; during a release it may lag the blocks
+  /// whose count already reached 0 (never the other way).
   std::uint32_t free_blocks() const noexcept;
 
   /// References to `block` now (0: free, or out of range). A snapshot.
