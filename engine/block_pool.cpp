@@ -73,10 +73,9 @@
 //       by the release whose fetch_and (5) found it set, once: between two
 //       flushes of a word, a release puts each of its bits in the pending mask
 //       at most once (a repeat of an id still pending is rejected before the
-//       count is read). The last holder takes
-//       the count from 1 to 0 with a plain store (D'), not a CAS: only a
-//       holder may retain, so when the count reads 1 nobody else can change
-//       it. Two releases of that one reference (a double release, a misuse)
+//       count is read). The last holder takes the count from 1 to 0 with a
+//       plain store (D'), not a CAS: only a holder may retain, so when the
+//       count reads 1 nobody else can change it. Two releases of that one reference (a double release, a misuse)
 //       racing on two threads may then both store 0; the word picks one, and
 //       the other counts the id in invalid_releases(), as a CAS 1 -> 0 that
 //       failed would. That holds while no try_allocate takes the block

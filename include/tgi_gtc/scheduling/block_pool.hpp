@@ -84,22 +84,22 @@ class BlockPool {
   /// held is a double release, counted in invalid_releases(); but bits are
   /// cleared as the call goes, so a concurrent try_allocate may take the
   /// block between two occurrences, and the later one then frees it under
-  /// its new owner, counted as a free). Two
-  /// threads releasing the same last reference at once: one frees the block,
-  /// the other's id is counted in invalid_releases() (unless a try_allocate
-  /// takes the block between the two: then the late one frees it under its
-  /// new owner, as any double release after a re-allocation). Whatever the
-  /// misuse, free_blocks() counts only blocks whose bits are clear, so
-  /// try_allocate never waits for blocks that do not exist. Concurrent with
-  /// anything.
+  /// its new owner, counted as a free). Two threads releasing the same last
+  /// reference at once: one frees the block, the other's id is counted in
+  /// invalid_releases() (unless a try_allocate takes the block between the
+  /// two: then the late one frees it under its new owner, as any double
+  /// release after a re-allocation). Whatever the misuse, free_blocks()
+  /// counts only blocks whose bits are clear, so try_allocate never waits for
+  /// blocks that do not exist. Concurrent with anything.
   [[nodiscard]] std::size_t release(std::span<const BlockId> blocks) noexcept;
 
   /// Rejected ids so far: releases AND retains of a free or out-of-range
   /// block, retains that would overflow a count, and the losing release of
   /// two that raced on the same last reference. Such a call changes nothing
   /// else (the losing racer has stored 0 over the count, which misuses
-  /// combined may make a new owner's). (A release of a block that someone else holds cannot be
-  /// told from a legitimate one: it drops their reference.)
+  /// combined may make a new owner's). (A release of a block that someone
+  /// else holds cannot be told from a legitimate one: it drops their
+  /// reference.)
   std::size_t invalid_releases() const noexcept;
 
   std::uint32_t total_blocks() const noexcept;
