@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <span>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <tgi_gtc/scheduling.hpp>
