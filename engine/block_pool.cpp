@@ -151,20 +151,34 @@ static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
 
 #ifdef TGI_GTC_TEST_HOOKS
 // Test builds only (tgi_gtc_scheduling_hooks, as the Scheduler's hooks in
-// scheduler.cpp), with the block id: called by release() when it read a count
-// of 1, before it stores 0 (D'); and when a block it took to 0 waits in the
-// pending mask for its bit clear (5). A test stalls a release there to force
-// the double-release races of I5.
+// scheduler.cpp), each with a block id: called by release() when it read a
+// count of 1, before it stores 0 (D'); when a block it took to 0 waits in the
+// pending mask for its bit clear (5); when it read a count above 1, before
+// its CAS (D); and, with the word it cleared last, after its last bit clear
+// (5), before it adds the freed blocks to free_ (6). A test stalls a release at
+// the first two to force the double-release races of I5; at the third, to
+// make another holder's release land between the load (D0) and the CAS (D),
+// so that (D) takes the count to 0; at the fourth, so that the next owner
+// claims the block before free_ counts it, synchronizing with its releaser
+// through (5) and (3) alone. The last two are ordering tests.
 void (*g_release_last_ref_hook)(std::uint64_t id) = nullptr;
 void (*g_release_pending_hook)(std::uint64_t id) = nullptr;
+void (*g_release_shared_hook)(std::uint64_t id) = nullptr;
+void (*g_release_flushed_hook)(std::uint64_t word) = nullptr;
 // Each reads its pointer once: a test may clear it while another thread passes it.
 #define TGI_GTC_RELEASE_LAST_REF(id) \
   if (auto* hook_ = detail::g_release_last_ref_hook) hook_(id)
 #define TGI_GTC_RELEASE_PENDING(id) \
   if (auto* hook_ = detail::g_release_pending_hook) hook_(id)
+#define TGI_GTC_RELEASE_SHARED(id) \
+  if (auto* hook_ = detail::g_release_shared_hook) hook_(id)
+#define TGI_GTC_RELEASE_FLUSHED(word) \
+  if (auto* hook_ = detail::g_release_flushed_hook) hook_(word)
 #else
 #define TGI_GTC_RELEASE_LAST_REF(id)
 #define TGI_GTC_RELEASE_PENDING(id)
+#define TGI_GTC_RELEASE_SHARED(id)
+#define TGI_GTC_RELEASE_FLUSHED(word)
 #endif
 }  // namespace detail
 
@@ -374,6 +388,9 @@ std::size_t BlockPool::release(std::span<const BlockId> blocks) noexcept {
       // fetch_and (5) below orders it before the next owner's store (4).
       count.store(0, std::memory_order::relaxed);
     } else {
+      if (c != 0) {
+        TGI_GTC_RELEASE_SHARED(id);
+      }
       do {
         if (c == 0) break;  // I1: a free or in-flight block is not ours to release
         // (D) acq_rel: publish our accesses; the last holder acquires everyone's.
@@ -395,6 +412,7 @@ std::size_t BlockPool::release(std::span<const BlockId> blocks) noexcept {
   }
   flush();
   if (freed != 0) {
+    TGI_GTC_RELEASE_FLUSHED(pending_word);
     // (6) release pairs with (1): the cleared bits (5) are visible to whoever reserves them (I3).
     free_.value.fetch_add(freed, std::memory_order::release);
     t_hint = pending_word;  // reuse what we just freed: warm in this core's cache

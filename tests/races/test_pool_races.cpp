@@ -6,10 +6,23 @@
 // the pool must still account for (free_blocks() never counts a bit that is
 // not clear, or try_allocate waits for blocks that do not exist). The
 // unforced test in test_block_pool.cpp needs two cores to meet them.
+//
+// The last three tests check the memory orderings that pass a block from
+// its holders to its next owner: the release (D0) or (D) that takes its count
+// to 0, and the bit clear (5) that the next owner's claim (3) reads. The
+// next owner writes the block's data, which a holder wrote before its release.
+// The threads share nothing but the pool (they wait for each other only
+// through relaxed loads, which order nothing), so the data race is reported
+// by the ThreadSanitizer build (CI runs it) exactly when an ordering of the
+// chain is weaker than the design comment's; the other builds check only
+// the counts.
 #include <doctest/doctest.h>
 
 #include <array>
 #include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstdint>
 #include <span>
 #include <thread>
@@ -23,6 +36,8 @@
 namespace tgi_gtc::scheduling::detail {
 extern void (*g_release_last_ref_hook)(std::uint64_t id);
 extern void (*g_release_pending_hook)(std::uint64_t id);
+extern void (*g_release_shared_hook)(std::uint64_t id);
+extern void (*g_release_flushed_hook)(std::uint64_t word);
 }  // namespace tgi_gtc::scheduling::detail
 
 using namespace tgi_gtc::scheduling;
@@ -154,4 +169,150 @@ TEST_CASE("a repeated id that finds its block re-allocated while its first occur
   REQUIRE(f.pool.free_blocks() == 1);  // else the take below would wait for good
   CHECK(f.take(1)[0] == kA);
   CHECK(f.pool.free_blocks() == 0);
+}
+
+namespace {
+
+// A pool of one block, held twice (count 2), and its data: a plain int that
+// each holder may write, so that ThreadSanitizer sees who wrote it last.
+struct SharedBlock {
+  BlockPool pool{1};
+  int data = 0;
+  SharedBlock() {
+    std::array<BlockId, 1> id{};
+    REQUIRE(pool.try_allocate(id));
+    REQUIRE(id[0] == 0);
+    pool.retain(id);
+    REQUIRE(pool.ref_count(0) == 2);
+  }
+  // Spins until `ready` holds, reading only relaxed atomics (ref_count and
+  // free_blocks are relaxed loads), so that waiting synchronizes nothing.
+  template <class Ready>
+  static void spin_until(Ready ready, const char* what) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (!ready()) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        std::fprintf(stderr, "FAILED: %s\n", what);
+        std::_Exit(1);
+      }
+      std::this_thread::yield();
+    }
+  }
+  // The next owner, on this thread: waits until the block is free again,
+  // takes it and writes its data. Through the pool only, the write comes
+  // after the first holder's: (D) or (D0), then (5)/(3) and (6)/(1).
+  void reuse() {
+    spin_until([this] { return pool.free_blocks() == 1; }, "the block was not freed");
+    std::array<BlockId, 1> id{};
+    REQUIRE(pool.try_allocate(id));
+    CHECK(id[0] == 0);
+    data = 2;
+    CHECK(pool.ref_count(0) == 1);
+    CHECK(pool.invalid_releases() == 0);
+  }
+};
+
+// A release() stalled by g_release_shared_hook (the first one only) until the
+// block's count reads 1, with relaxed loads: it read a count of 2, and must
+// take the count from 1 to 0 with its CAS (D).
+std::atomic<BlockPool*> g_shared_pool{nullptr};
+std::atomic<bool> g_shared_armed{false};
+std::atomic<bool> g_shared_read{false};
+void wait_for_other_release(std::uint64_t id) {
+  if (!g_shared_armed.exchange(false)) return;
+  g_shared_read = true;  // orders this thread before the other holder: harmless
+  BlockPool* pool = g_shared_pool.load();
+  SharedBlock::spin_until([&] { return pool->ref_count(static_cast<BlockId>(id)) == 1; },
+                          "the other holder did not release");
+}
+
+}  // namespace
+
+TEST_CASE("the last holder's release (load D0 reads 1) acquires the other holders' accesses") {
+  SharedBlock b;
+  std::size_t freed_first = 9, freed_last = 9;
+  std::thread first([&] {
+    b.data = 1;  // the first holder's access, then its release (D): 2 -> 1
+    freed_first = b.pool.release(std::vector<BlockId>{0});
+  });
+  std::thread last([&] {
+    SharedBlock::spin_until([&] { return b.pool.ref_count(0) == 1; }, "the first holder did not release");
+    freed_last = b.pool.release(std::vector<BlockId>{0});  // (D0) reads 1, (D') stores 0
+  });
+  b.reuse();  // races with `data = 1` unless (D) releases and (D0) acquires
+  first.join();
+  last.join();
+  CHECK(freed_first == 0);
+  CHECK(freed_last == 1);
+}
+
+TEST_CASE("the last holder's release (CAS D takes 1 to 0) acquires the other holders' accesses") {
+  SharedBlock b;
+  g_shared_pool = &b.pool;
+  g_shared_read = false;
+  g_shared_armed = true;
+  detail::g_release_shared_hook = &wait_for_other_release;
+  std::size_t freed_first = 9, freed_last = 9;
+  // Reads a count of 2 (D0), stalls until the other release lands, then its
+  // CAS fails on 2, re-reads 1 and takes it to 0.
+  std::thread last([&] { freed_last = b.pool.release(std::vector<BlockId>{0}); });
+  std::thread first([&] {
+    SharedBlock::spin_until([] { return g_shared_read.load(); }, "the last holder's release did not read 2");
+    b.data = 1;  // the first holder's access, then its release (D): 2 -> 1
+    freed_first = b.pool.release(std::vector<BlockId>{0});
+  });
+  b.reuse();  // races with `data = 1` unless (D) both releases and acquires
+  first.join();
+  last.join();
+  detail::g_release_shared_hook = nullptr;
+  CHECK(freed_first == 0);
+  CHECK(freed_last == 1);
+}
+
+namespace {
+
+// A release() stalled by g_release_flushed_hook after its bit clear (5),
+// before its fetch_add on free_ (6), until block 0 is taken again. It tells
+// the test where it is with a relaxed store, which orders nothing.
+std::atomic<BlockPool*> g_flushed_pool{nullptr};
+std::atomic<bool> g_flushed{false};
+void wait_for_next_owner(std::uint64_t) {
+  g_flushed.store(true, std::memory_order::relaxed);  // pairs with nothing, on purpose
+  BlockPool* pool = g_flushed_pool.load();
+  SharedBlock::spin_until([&] { return pool->ref_count(0) == 1; }, "block 0 was not taken again");
+}
+
+}  // namespace
+
+TEST_CASE("the next owner's claim acquires the accesses of a releaser that has not yet counted the block free") {
+  // Two blocks in one word. Block 1 is freed here and counted in free_;
+  // block 0 is released on another thread that stalls after clearing its bit,
+  // before it adds it to free_. The next allocation reserves block 1's unit
+  // but claims the lowest clear bit, block 0's: from its releaser it learns
+  // nothing through free_ (6)/(1), only through the word (5)/(3).
+  BlockPool pool(2);
+  std::array<BlockId, 2> both{};
+  REQUIRE(pool.try_allocate(both));
+  REQUIRE(pool.release(std::vector<BlockId>{1}) == 1);
+  int data = 0;
+  g_flushed_pool = &pool;
+  g_flushed.store(false, std::memory_order::relaxed);  // before the thread starts
+  detail::g_release_flushed_hook = &wait_for_next_owner;
+  std::size_t freed = 9;
+  std::thread releaser([&] {
+    data = 1;  // the holder's access, then its release of block 0
+    freed = pool.release(std::vector<BlockId>{0});
+  });
+  SharedBlock::spin_until([] { return g_flushed.load(std::memory_order::relaxed); },
+                          "the release of block 0 did not clear its bit");
+  std::array<BlockId, 1> next{};
+  REQUIRE(pool.try_allocate(next));
+  CHECK(next[0] == 0);
+  data = 2;  // races with `data = 1` unless (5) releases and (3) acquires
+  releaser.join();
+  detail::g_release_flushed_hook = nullptr;
+  CHECK(freed == 1);
+  CHECK(pool.free_blocks() == 1);
+  CHECK(pool.ref_count(0) == 1);
+  CHECK(pool.ref_count(1) == 0);
 }
