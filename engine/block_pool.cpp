@@ -151,10 +151,10 @@ static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
 
 #ifdef TGI_GTC_TEST_HOOKS
 // Test builds only (tgi_gtc_scheduling_hooks, as the Scheduler's hooks in
-// scheduler.cpp), each with a block id: called by release() when it read a
+// scheduler.cpp), called by release(): with the block id, when it read a
 // count of 1, before it stores 0 (D'); when a block it took to 0 waits in the
-// pending mask for its bit clear (5); when it read a count above 1, before
-// its CAS (D); and, with the word it cleared last, after its last bit clear
+// pending mask for its bit clear (5); and when it read a count above 1,
+// before its CAS (D); with the word it cleared last, after its last bit clear
 // (5), before it adds the freed blocks to free_ (6). A test stalls a release at
 // the first two to force the double-release races of I5; at the third, to
 // make another holder's release land between the load (D0) and the CAS (D),
@@ -436,6 +436,11 @@ std::uint32_t BlockPool::free_blocks() const noexcept {
 std::uint32_t BlockPool::ref_count(BlockId block) const noexcept {
   if (block >= num_blocks_) return 0;
   return counts_[block].load(std::memory_order::relaxed);  // a snapshot; publishes nothing
+}
+
+std::size_t BlockPool::memory_bytes() const noexcept {
+  return sizeof(*this) + std::size_t{num_words_} * sizeof(detail::BitmapWord) +
+         std::size_t{num_blocks_} * sizeof(std::atomic<std::uint32_t>);
 }
 
 // ---------------------------------------------------------- BlockAllocation

@@ -113,6 +113,12 @@ class BlockPool {
   /// References to `block` now (0: free, or out of range). A snapshot.
   std::uint32_t ref_count(BlockId block) const noexcept;
 
+  /// Bytes of host memory this pool reserved at construction for its own
+  /// bookkeeping (not the KV cache its blocks index): the object (three cache
+  /// lines) and its arrays (a 64-byte line per bitmap word, 4 bytes a block).
+  /// Nothing is allocated later.
+  std::size_t memory_bytes() const noexcept;
+
  private:
   /// One reference more on `id` (a CAS from a count above zero and below
   /// UINT32_MAX); false, changing nothing, when retain() would reject it.
