@@ -153,8 +153,8 @@ static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
 // Test builds only (tgi_gtc_scheduling_hooks, as the Scheduler's hooks in
 // scheduler.cpp), called by release(): with the block id, when it read a
 // count of 1, before it stores 0 (D'); when a block it took to 0 waits in the
-// pending mask for its bit clear (5); and when it read a count above 1,
-// before its CAS (D); with the word it cleared last, after its last bit clear
+// pending mask for its bit clear (5); when it read a count above 1, before
+// its CAS (D); and, with the word it cleared last, after its last bit clear
 // (5), before it adds the freed blocks to free_ (6). A test stalls a release at
 // the first two to force the double-release races of I5; at the third, to
 // make another holder's release land between the load (D0) and the CAS (D),

@@ -7,15 +7,16 @@
 // memory_bytes() is what the constructors ask of operator new.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdint>
-#include <memory>
-#include <span>
-#include <utility>
 #include <cstdlib>
+#include <memory>
 #include <new>
+#include <span>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <tgi_gtc/scheduling.hpp>
@@ -64,7 +65,9 @@ void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 void* operator new(std::size_t n, std::align_val_t al) {
   count_new(n);
   const auto a = static_cast<std::size_t>(al);
-  if (void* p = std::aligned_alloc(a, (n + a - 1) / a * a + (n == 0 ? a : 0))) return p;
+  if (n > SIZE_MAX - a) throw std::bad_alloc();
+  // aligned_alloc wants a size that is a nonzero multiple of the alignment.
+  if (void* p = std::aligned_alloc(a, n == 0 ? a : (n + a - 1) / a * a)) return p;
   throw std::bad_alloc();
 }
 void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
@@ -77,6 +80,40 @@ void operator delete[](void* p) noexcept { std::free(p); }
 void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
 void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+// And the nothrow forms, for the same reason, so that whatever this program
+// allocates is counted and freed by the functions above.
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
+  try {
+    return operator new(n);
+  } catch (...) {
+    return nullptr;
+  }
+}
+void* operator new[](std::size_t n, const std::nothrow_t&) noexcept {
+  try {
+    return operator new(n);
+  } catch (...) {
+    return nullptr;
+  }
+}
+void* operator new(std::size_t n, std::align_val_t al, const std::nothrow_t&) noexcept {
+  try {
+    return operator new(n, al);
+  } catch (...) {
+    return nullptr;
+  }
+}
+void* operator new[](std::size_t n, std::align_val_t al, const std::nothrow_t&) noexcept {
+  try {
+    return operator new(n, al);
+  } catch (...) {
+    return nullptr;
+  }
+}
+void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
 
 #ifndef TGI_SANITIZED
 extern "C" void* __libc_malloc(std::size_t);
@@ -165,6 +202,12 @@ TEST_CASE("the counter sees an allocation when there is one") {
   delete p;
   CHECK(g_news.load() == 1);
   CHECK(g_bytes.load() == sizeof(int));
+  g_news = 0;
+  g_counting = true;
+  int* volatile q = new (std::nothrow) int[3];  // the nothrow array form
+  g_counting = false;
+  delete[] q;
+  CHECK(g_news.load() == 1);
 }
 
 TEST_CASE("the counter sees an over-aligned allocation") {

@@ -11,11 +11,12 @@
 // its holders to its next owner: the release (D0) or (D) that takes its count
 // to 0, and the bit clear (5) that the next owner's claim (3) reads. The
 // next owner writes the block's data, which a holder wrote before its release.
-// The threads share nothing but the pool (they wait for each other only
-// through relaxed loads, which order nothing), so the data race is reported
-// by the ThreadSanitizer build (CI runs it) exactly when an ordering of the
-// chain is weaker than the design comment's; the other builds check only
-// the counts.
+// Outside the pool, nothing orders the holder's write before the next
+// owner's: the threads wait for each other through relaxed loads, which order
+// nothing, and the one flag that synchronizes (the second test's) orders the
+// last holder before the holder that writes, the other way. So the data race is reported by the ThreadSanitizer build (CI
+// runs it) exactly when an ordering of the chain is weaker than the design
+// comment's; the other builds check only the counts.
 #include <doctest/doctest.h>
 
 #include <array>
@@ -204,7 +205,7 @@ struct SharedBlock {
   void reuse() {
     spin_until([this] { return pool.free_blocks() == 1; }, "the block was not freed");
     std::array<BlockId, 1> id{};
-    REQUIRE(pool.try_allocate(id));
+    CHECK(pool.try_allocate(id));  // CHECK: a throw here would leave the threads joinable
     CHECK(id[0] == 0);
     data = 2;
     CHECK(pool.ref_count(0) == 1);
@@ -219,7 +220,9 @@ std::atomic<BlockPool*> g_shared_pool{nullptr};
 std::atomic<bool> g_shared_armed{false};
 std::atomic<bool> g_shared_read{false};
 void wait_for_other_release(std::uint64_t id) {
-  if (!g_shared_armed.exchange(false)) return;
+  // relaxed: pairs with nothing, on purpose: the other holder passes here too,
+  // after its write, and must publish nothing.
+  if (!g_shared_armed.exchange(false, std::memory_order::relaxed)) return;
   g_shared_read = true;  // orders this thread before the other holder: harmless
   BlockPool* pool = g_shared_pool.load();
   SharedBlock::spin_until([&] { return pool->ref_count(static_cast<BlockId>(id)) == 1; },
@@ -306,7 +309,7 @@ TEST_CASE("the next owner's claim acquires the accesses of a releaser that has n
   SharedBlock::spin_until([] { return g_flushed.load(std::memory_order::relaxed); },
                           "the release of block 0 did not clear its bit");
   std::array<BlockId, 1> next{};
-  REQUIRE(pool.try_allocate(next));
+  CHECK(pool.try_allocate(next));  // CHECK: a throw here would leave the releaser joinable
   CHECK(next[0] == 0);
   data = 2;  // races with `data = 1` unless (5) releases and (3) acquires
   releaser.join();
