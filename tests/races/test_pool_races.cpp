@@ -14,9 +14,10 @@
 // Outside the pool, nothing orders the holder's write before the next
 // owner's: the threads wait for each other through relaxed loads, which order
 // nothing, and the one flag that synchronizes (the second test's) orders the
-// last holder before the holder that writes, the other way. So the data race is reported by the ThreadSanitizer build (CI
-// runs it) exactly when an ordering of the chain is weaker than the design
-// comment's; the other builds check only the counts.
+// last holder before the holder that writes, the other way. So the data race
+// is reported by the ThreadSanitizer build (CI runs it) exactly when an
+// ordering of the chain is weaker than the design comment's; the other builds
+// check only the counts.
 #include <doctest/doctest.h>
 
 #include <array>

@@ -12,7 +12,8 @@
 // Progress: try_allocate, retain, try_retain and release are lock-free (no call waits for
 // another to finish; a retry means another call changed the same word, or a
 // compare_exchange_weak failed spuriously, which LL/SC targets allow);
-// total_blocks, free_blocks, ref_count and invalid_releases are wait-free.
+// total_blocks, free_blocks, ref_count, invalid_releases and memory_bytes are
+// wait-free.
 // None of them takes a lock, makes a system call or allocates memory.
 //
 // The design (an atomic bitmap after Linux's lib/sbitmap.c, a free-block
