@@ -1,5 +1,6 @@
 // Stalling a thread at a test hook of tgi_gtc_scheduling_hooks, shared by
-// the forced-race tests (test_scheduler_races.cpp, test_engine_races.cpp).
+// the forced-race tests (test_scheduler_races.cpp, test_engine_races.cpp,
+// test_pool_races.cpp).
 #pragma once
 
 #include <atomic>
@@ -10,6 +11,21 @@
 #include <thread>
 
 namespace tgi_test {
+
+// Yields until `ready()` holds; past 30 s, reports `what` and leaves at once
+// (a thread the test waits for is stuck, or never got where it should). Reads
+// only what `ready` reads: with relaxed loads inside, waiting orders nothing.
+template <class Ready>
+void spin_until(Ready ready, const char* what) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!ready()) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      std::fprintf(stderr, "FAILED: %s\n", what);
+      std::_Exit(1);
+    }
+    std::this_thread::yield();
+  }
+}
 
 // Stalls the first thread that calls the hook `where` after construction,
 // until release(). `Slot` keeps the state of stalls at different hooks apart,
@@ -40,14 +56,7 @@ struct StallAt {
   // A thread that never reaches the hook (the state the test built does not
   // lead there) fails the run in 30 s, with the reason, instead of hanging it.
   void wait_held() const {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    while (state.load() != 2) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        std::fprintf(stderr, "FAILED: no thread reached the hook this test stalls at within 30 s\n");
-        std::_Exit(1);
-      }
-      std::this_thread::yield();
-    }
+    spin_until([] { return state.load() == 2; }, "no thread reached the hook this test stalls at within 30 s");
   }
   void release() { state = 3; }
   ~StallAt() {

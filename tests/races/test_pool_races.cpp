@@ -22,9 +22,6 @@
 
 #include <array>
 #include <atomic>
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
 #include <cstdint>
 #include <span>
 #include <thread>
@@ -44,6 +41,7 @@ extern void (*g_release_flushed_hook)(std::uint64_t word);
 
 using namespace tgi_gtc::scheduling;
 using tgi_test::finish_or_exit;
+using tgi_test::spin_until;
 using tgi_test::StallAt;
 
 namespace {
@@ -187,20 +185,8 @@ struct SharedBlock {
     pool.retain(id);
     REQUIRE(pool.ref_count(0) == 2);
   }
-  // Spins until `ready` holds, reading only relaxed atomics (ref_count and
-  // free_blocks are relaxed loads), so that waiting synchronizes nothing.
-  template <class Ready>
-  static void spin_until(Ready ready, const char* what) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    while (!ready()) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        std::fprintf(stderr, "FAILED: %s\n", what);
-        std::_Exit(1);
-      }
-      std::this_thread::yield();
-    }
-  }
-  // The next owner, on this thread: waits until the block is free again,
+  // The next owner, on this thread: waits (free_blocks() is a relaxed load,
+  // so the wait orders nothing) until the block is free again,
   // takes it and writes its data. Through the pool only, the write comes
   // after the first holder's: (D) or (D0), then (5)/(3) and (6)/(1).
   void reuse() {
@@ -226,7 +212,7 @@ void wait_for_other_release(std::uint64_t id) {
   if (!g_shared_armed.exchange(false, std::memory_order::relaxed)) return;
   g_shared_read = true;  // orders this thread before the other holder: harmless
   BlockPool* pool = g_shared_pool.load();
-  SharedBlock::spin_until([&] { return pool->ref_count(static_cast<BlockId>(id)) == 1; },
+  spin_until([&] { return pool->ref_count(static_cast<BlockId>(id)) == 1; },
                           "the other holder did not release");
 }
 
@@ -240,7 +226,7 @@ TEST_CASE("the last holder's release (load D0 reads 1) acquires the other holder
     freed_first = b.pool.release(std::vector<BlockId>{0});
   });
   std::thread last([&] {
-    SharedBlock::spin_until([&] { return b.pool.ref_count(0) == 1; }, "the first holder did not release");
+    spin_until([&] { return b.pool.ref_count(0) == 1; }, "the first holder did not release");
     freed_last = b.pool.release(std::vector<BlockId>{0});  // (D0) reads 1, (D') stores 0
   });
   b.reuse();  // races with `data = 1` unless (D) releases and (D0) acquires
@@ -261,7 +247,7 @@ TEST_CASE("the last holder's release (CAS D takes 1 to 0) acquires the other hol
   // CAS fails on 2, re-reads 1 and takes it to 0.
   std::thread last([&] { freed_last = b.pool.release(std::vector<BlockId>{0}); });
   std::thread first([&] {
-    SharedBlock::spin_until([] { return g_shared_read.load(); }, "the last holder's release did not read 2");
+    spin_until([] { return g_shared_read.load(); }, "the last holder's release did not read 2");
     b.data = 1;  // the first holder's access, then its release (D): 2 -> 1
     freed_first = b.pool.release(std::vector<BlockId>{0});
   });
@@ -283,7 +269,7 @@ std::atomic<bool> g_flushed{false};
 void wait_for_next_owner(std::uint64_t) {
   g_flushed.store(true, std::memory_order::relaxed);  // pairs with nothing, on purpose
   BlockPool* pool = g_flushed_pool.load();
-  SharedBlock::spin_until([&] { return pool->ref_count(0) == 1; }, "block 0 was not taken again");
+  spin_until([&] { return pool->ref_count(0) == 1; }, "block 0 was not taken again");
 }
 
 }  // namespace
@@ -300,14 +286,16 @@ TEST_CASE("the next owner's claim acquires the accesses of a releaser that has n
   REQUIRE(pool.release(std::vector<BlockId>{1}) == 1);
   int data = 0;
   g_flushed_pool = &pool;
-  g_flushed.store(false, std::memory_order::relaxed);  // before the thread starts
+  // relaxed: before the releaser starts; its creation orders this store first.
+  g_flushed.store(false, std::memory_order::relaxed);
   detail::g_release_flushed_hook = &wait_for_next_owner;
   std::size_t freed = 9;
   std::thread releaser([&] {
     data = 1;  // the holder's access, then its release of block 0
     freed = pool.release(std::vector<BlockId>{0});
   });
-  SharedBlock::spin_until([] { return g_flushed.load(std::memory_order::relaxed); },
+  // relaxed: pairs with nothing, on purpose (the store in wait_for_next_owner).
+  spin_until([] { return g_flushed.load(std::memory_order::relaxed); },
                           "the release of block 0 did not clear its bit");
   std::array<BlockId, 1> next{};
   CHECK(pool.try_allocate(next));  // CHECK: a throw here would leave the releaser joinable
