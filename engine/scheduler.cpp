@@ -4,6 +4,7 @@
 #include <cassert>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 #include <tgi_gtc/scheduling/scheduler.hpp>
 
@@ -122,6 +123,10 @@ constexpr std::uint64_t mix(std::uint64_t x) {  // splitmix64 finalizer
 // rescans. Ids come mostly from next_id(), so schedule() prefetches the home
 // of the id kPrefetchAhead after its own, instead.
 constexpr std::uint64_t kPrefetchAhead = 8;
+// claim_bucket()'s wait for a contended id: a delay of `backoff` to
+// 2 x `backoff` pauses a round, `backoff` doubling from 1 up to this cap, and
+// from the round it reaches the cap on, a yield of the core before it.
+constexpr unsigned kBackoffCap = 256;
 constexpr std::uint64_t kCellsPerLine = kCacheLine / sizeof(std::atomic<std::uint64_t>);
 struct IdHash {
   std::uint64_t home;  // 32 bits: where the id's probe range starts (home_of() scales it)
@@ -264,7 +269,7 @@ std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
   const std::uint64_t home = home_of(hash.home);
   const std::uint64_t fp = hash.fp;
   std::atomic<std::uint32_t>& reach = reach_[home];
-  for (unsigned backoff = 1;; backoff = backoff < 4096 ? backoff * 2 : backoff) {
+  for (unsigned backoff = 1;; backoff = backoff < kBackoffCap ? backoff * 2 : backoff) {
     // Claim the first free bucket from home (the table is about half full at most, I8).
     std::uint64_t d = 0, mine = 0, state = 0;
     // A free bucket is there unless N + 131 or more other calls are stalled
@@ -328,6 +333,13 @@ std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
     // moment see each other and both back off; with equal delays they could
     // meet again round after round, so each waits a random part more (between
     // 1x and 2x its growing delay), and one of them soon claims alone.
+    // Either wait lasts a few hundred instructions of the other call, unless
+    // that call lost its core: once the delay reaches its cap (after about
+    // 500 to 1,000 pauses in all, 15-30 us where a pause takes 30 ns), each
+    // round first yields the core (a system call), so that on an
+    // oversubscribed machine the waiter does not spin out its time slice
+    // while the call it waits for cannot run (the Engine's waits do the same).
+    if (backoff == kBackoffCap) std::this_thread::yield();
     for (unsigned i = 0, n = backoff + jitter(backoff); i < n; ++i) cpu_relax();
   }
 }

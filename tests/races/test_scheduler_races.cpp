@@ -13,6 +13,12 @@
 #include <thread>
 #include <vector>
 
+#ifdef __linux__
+#include <pthread.h>
+#include <sched.h>
+#include <time.h>
+#endif
+
 #include <tgi_gtc/scheduling.hpp>
 
 #include "races/stall.hpp"
@@ -165,6 +171,59 @@ TEST_CASE("a duplicate schedule() waits for the unpublished original instead of 
   CHECK(next_task(s) == 5);
   CHECK_FALSE(s.next());
 }
+
+#ifdef __linux__
+namespace {
+// CPU time the thread has run, in seconds.
+double cpu_seconds(pthread_t thread) {
+  clockid_t clock{};
+  REQUIRE(pthread_getcpuclockid(thread, &clock) == 0);
+  timespec ts{};
+  REQUIRE(clock_gettime(clock, &ts) == 0);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
+}  // namespace
+
+TEST_CASE("a duplicate schedule() waiting for a stalled original leaves its core to other threads") {
+  // On one CPU, with the original stalled before its publish as a preempted
+  // thread would be, the duplicate waits for it beside a thread that spins.
+  // A waiter that kept spinning would take about half of that CPU; one that
+  // yields the core each round past its first microseconds takes a few
+  // hundredths of what the spinning thread gets. (A CPU share, not a speed:
+  // it holds however loaded or slow the machine, sanitizers included.)
+  cpu_set_t saved;
+  REQUIRE(sched_getaffinity(0, sizeof saved, &saved) == 0);
+  int cpu = 0;
+  while (cpu < CPU_SETSIZE && !CPU_ISSET(cpu, &saved)) ++cpu;
+  REQUIRE(cpu < CPU_SETSIZE);
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(cpu, &one);
+  REQUIRE(sched_setaffinity(0, sizeof one, &one) == 0);  // this thread, and those it starts
+  {
+    Scheduler s;
+    Stall stall;
+    std::thread a([&] { CHECK_FALSE(s.schedule(ScheduledTask(5, 10))); });
+    stall.wait_held();
+    AsyncSchedule dup(s, ScheduledTask(5, 10));
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // well past the spinning rounds
+    const pthread_t self = pthread_self(), waiter = dup.thread.native_handle();
+    const double waiter0 = cpu_seconds(waiter), self0 = cpu_seconds(self);
+    const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(300);
+    while (std::chrono::steady_clock::now() < end) {
+    }
+    const double waiter_cpu = cpu_seconds(waiter) - waiter0, self_cpu = cpu_seconds(self) - self0;
+    CHECK_FALSE(dup.returned());
+    stall.release();
+    a.join();
+    CHECK(dup.join() == ScheduleError::DuplicateId);
+    MESSAGE("waiter ", waiter_cpu * 1e3, " ms of CPU against the spinning thread's ", self_cpu * 1e3, " ms");
+    CHECK(self_cpu > 0.01);  // the window ran
+    CHECK(waiter_cpu < 0.25 * self_cpu);
+  }
+  CHECK(sched_setaffinity(0, sizeof saved, &saved) == 0);
+}
+#endif
 
 TEST_CASE("a duplicate schedule() is not fooled by the stale cell of the bucket's previous occupant") {
   // Task 5 is taken; its cell stays as it was (head has passed it). Task 5

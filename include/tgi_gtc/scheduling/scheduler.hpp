@@ -26,10 +26,13 @@
 //                                    check, for a different id); two that claim
 //                                    at once both back off for random delays
 //                                    and retry. A stall there delays only them.
+//                                    The waiter spins its first rounds, then
+//                                    yields its core each round (a syscall).
 //   clear                            lock-free per task; allocates its result
 //                                    before it removes anything.
 // Hot paths (schedule, next, peek, cancel, len, next_id) take no lock, make no
-// system call and allocate no memory after construction.
+// system call and allocate no memory after construction (but for the yields
+// of a schedule() that waits for another of its id, above).
 #pragma once
 
 #include <cstddef>
