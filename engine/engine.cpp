@@ -61,12 +61,17 @@
 //      level L is admitted only when no paused task of level L is left (they
 //      come first and the first misfit stops the step), and a resumption or
 //      preemption moves a task between the two sets. Hence at most
-//      levels x max_running tasks hold a slot (+ kSpareSlots, see park()).
+//      levels x max_running tasks hold a slot (+ kSpareSlots, for the tasks
+//      admit_waiting parks).
 //   E5 victim_blocks_[L] == sum of device blocks over victims_[L].
 //   E6 A task appears at most once in a plan: a task paused by this step is
 //      not resumed by it, and a task admitted or resumed by it is not paused
 //      by it (entered_step; fresh_blocks_/fresh_count_ keep the victim sums
 //      O(levels) without them).
+//   E7 At most one cancel() returns true for a task. From waiting_, the
+//      Scheduler's cancel decides; once it is running or paused (or parked),
+//      the CAS in TaskSlot::post_cancel does, loop-thread cancels included
+//      (they post too, then carry the cancel out at once).
 //
 // ===========================================================================
 // Decisions the contract leaves open (docs/engine.md, "Semantics")
@@ -305,9 +310,12 @@ class EngineCore {
   bool cancel(TaskId id) noexcept {
     if (on_loop_thread()) {
       if (const std::uint32_t s = index_.find_local(id); s != ActiveIndex::kNone) {
+        // Carried out at once; reported only if no producer's cancel posted
+        // it first (that one returned true): one true a task (E7).
+        const bool first = slots_[s].post_cancel(recs_[s].stamp) == TaskSlot::Post::kPosted;
         terminate(s);
         publish();
-        return true;
+        return first;
       }
       return cancel_waiting(id);
     }
@@ -321,17 +329,19 @@ class EngineCore {
     // did. If the take failed (another cancel removed it first), the task
     // never ran and is gone; if it ran and left since, it is gone too.
     if (!slots_[s].ran(stamp)) return false;
-    // False from post_cancel: it left (finished or cancelled) after we saw it
-    // running; the cancel is then moot, and was still made while it ran.
-    if (slots_[s].post_cancel(stamp)) {
-      // (B1) release RMW: pairs with the acquire exchange (B2) in step(); an
-      // RMW (not a store) so that earlier posts stay in the release sequence.
-      // acq_rel, not release: LLVM before 16 rewrites a relaxed or release
-      // exchange whose result is unused into a plain store (llvm-project
-      // issue 60418), which would end that release sequence; Clang 14 did so
-      // here. The acquire half costs nothing on x86-64 (xchg either way).
-      cancel_bell_.exchange(true, std::memory_order::acq_rel);
-    }
+    // E7: true only for the call whose post lands. Already posted: another
+    // cancel marked it and returned true. Left: it finished, or a loop-thread
+    // cancel ended it, after we saw it running; this cancel takes effect
+    // after that (its load (C1) saw it gone), so there was no task to cancel.
+    const TaskSlot::Post post = slots_[s].post_cancel(stamp);
+    if (post != TaskSlot::Post::kPosted) return false;
+    // (B1) release RMW: pairs with the acquire exchange (B2) in step(); an
+    // RMW (not a store) so that earlier posts stay in the release sequence.
+    // acq_rel, not release: LLVM before 16 rewrites a relaxed or release
+    // exchange whose result is unused into a plain store (llvm-project
+    // issue 60418), which would end that release sequence; Clang 14 did so
+    // here. The acquire half costs nothing on x86-64 (xchg either way).
+    cancel_bell_.exchange(true, std::memory_order::acq_rel);
     return true;
   }
 
@@ -628,7 +638,7 @@ class EngineCore {
       set_deficit(s);
       return false;
     }
-    r.device.reserve(want);  // the last allocation; nothing changed yet
+    room_for(r.device, want - have);  // the last allocation (geometric: decode is O(1) amortized); nothing changed yet
     r.device.resize(want);
     if (!device_.try_allocate(std::span<BlockId>(r.device).subspan(have))) {
       r.device.resize(have);
@@ -720,7 +730,7 @@ class EngineCore {
         avail += victim_blocks_[r.level] - grown_blocks[r.level];
       }
       if (avail >= need) {
-        r.device.reserve(blocks_for(r.tokens));  // so that the grow() below cannot throw
+        room_for(r.device, need);  // so that the grow() below cannot throw
         for (std::uint32_t l = 0; l <= r.level && device_.free_blocks() < need; ++l) {
           for (std::uint32_t x = victims_[l].tail; x != kNil && x != s && device_.free_blocks() < need;) {
             const std::uint32_t prev = recs_[x].prev;
@@ -904,9 +914,14 @@ class EngineCore {
     const std::uint64_t stamp = ++stamp_seq_;
     // E2: registered before it leaves waiting_. A producer's cancel(w.id)
     // now either removes it from waiting_ first (then our take fails and we
-    // undo), or misses it there and finds it in index_.
-    slots_[s].occupy(w.id, stamp);
+    // undo), or misses it there and finds it in index_. Index first, slot
+    // second: a producer's cancel waits only while the slot shows the take
+    // pending (S3), so it never waits through an insert that rebuilds the
+    // index (O(index size)); one that meets the slot still vacant here
+    // missed this task in waiting_ before it was taken, hence before this
+    // registration, and reports false as for any task gone.
     index_.insert(w.id, s);
+    slots_[s].occupy(w.id, stamp);
     std::optional<ScheduledTask> taken = waiting_.cancel(w.id);
     slots_[s].taken(stamp, taken.has_value());  // S3
     if (!taken) {

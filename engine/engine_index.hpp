@@ -66,7 +66,7 @@ struct TaskSlot {
 
   /// Loop: publishes a new occupant, whose take out of waiting_ is pending.
   void occupy(TaskId task, std::uint64_t s) noexcept {
-    id.store(task, std::memory_order::release);      // (T1) read by (T3) after (T2)
+    id.store(task, std::memory_order::release);      // (T1) read by (T4), once (T3) read (T2)
     taking.store(s, std::memory_order::release);     // (K1) pairs with (K3): a reader of it sees the vacate before
     stamp.store(s, std::memory_order::release);      // (T2) pairs with (T3): publishes (T1) and (K1)
   }
@@ -77,7 +77,7 @@ struct TaskSlot {
   }
   /// Loop: the occupant left.
   void vacate() noexcept {
-    stamp.store(0, std::memory_order::release);  // (T2') pairs with (T3)/(T4)/(K4): ends the occupancy
+    stamp.store(0, std::memory_order::release);  // (T2') read by (T3)/(T5)/(C1)/(K4): ends the occupancy
   }
   /// Any thread: whether occupant `s` (a stamp from stamp_of) was taken out
   /// of waiting_ and is still here. Waits while the loop is taking it (S3): a
@@ -104,17 +104,26 @@ struct TaskSlot {
     const std::uint64_t s2 = stamp.load(std::memory_order::acquire);  // (T5) ordered after (T4) by its acquire
     return (s1 == s2 && who == task) ? s1 : 0;
   }
-  /// Any thread: asks the loop to cancel occupant `s`. False if `s` has left.
-  bool post_cancel(std::uint64_t s) noexcept {
-    std::uint64_t cur = cancel.load(std::memory_order::acquire);  // (C0) only a starting guess for the CAS
+  /// What post_cancel() did.
+  enum class Post { kPosted, kAlreadyPosted, kLeft };
+  /// Any thread: asks the loop to cancel occupant `s`. kPosted for the one
+  /// call that posts it (one CAS decides, so exactly one caller a
+  /// cancellation); kAlreadyPosted if another call did; kLeft if `s` has left.
+  Post post_cancel(std::uint64_t s) noexcept {
+    // (C0) acquire pairs with another caller's (C2): when it reads a post for
+    // a later occupant, our (C1) then sees `s`'s vacate, which happened-before
+    // that caller's (C1). Without it, (C1) could still read `s` and the CAS
+    // overwrite that post, which would then be lost.
+    std::uint64_t cur = cancel.load(std::memory_order::acquire);
     for (;;) {
-      if (cur == s) return true;  // already posted
+      if (cur == s) return Post::kAlreadyPosted;
       // A different value is a stale post (or a post for a later occupant, in
       // which case ours has left): replace it only while `s` still occupies.
-      if (stamp.load(std::memory_order::acquire) != s) return false;  // (C1) pairs with (T2'): occupant left
-      if (cancel.compare_exchange_weak(cur, s, std::memory_order::acq_rel,  // (C2) release pairs with the loop's (C3)
-                                       std::memory_order::acquire)) {
-        return true;
+      if (stamp.load(std::memory_order::acquire) != s) return Post::kLeft;  // (C1) pairs with (T2'): occupant left
+      // (C2) release pairs with the loop's (C3) and with (C0) (also the
+      // failure load's acquire: a reload is a (C0)).
+      if (cancel.compare_exchange_weak(cur, s, std::memory_order::acq_rel, std::memory_order::acquire)) {
+        return Post::kPosted;
       }
     }
   }

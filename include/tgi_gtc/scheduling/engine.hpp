@@ -5,7 +5,10 @@
 // pages) and host (swap space). With preemption enabled, a higher-priority
 // arrival pauses lower-priority preemptible work, whose KV blocks are swapped
 // to the host pool (or released, to be recomputed), and the paused task
-// resumes later, ahead of waiting tasks of its priority.
+// resumes later, ahead of waiting tasks of its priority. (With priority
+// scheduling off, every task has one level: arrivals never preempt, and only
+// a running task that needs blocks to grow may pause others, newer ones
+// first; docs/engine.md.)
 //
 // Threading contract
 //   any thread          next_id, submit, cancel, scheduler, stats, config
@@ -99,6 +102,10 @@ struct Preemption {
 /// A paused task resumed by this step: its device blocks in token order, and
 /// the host-to-device copies that restore its KV (swap_in[i].to == blocks[i]).
 /// swap_in is empty after a recompute: prefill all its tokens into blocks.
+/// swap_in.size() <= blocks.size(): a task paused while short of blocks (its
+/// append_tokens had failed) comes back with blocks for all its tokens, and
+/// the KV of the tokens past the first swap_in.size() blocks was never
+/// written: compute it as the failed append would have had it succeeded.
 struct Resumption {
   ScheduledTask task;
   std::vector<BlockId> blocks;
@@ -162,7 +169,9 @@ class Engine {
   /// ScheduleError::ExceedsCapacity
   /// when ceil(estimated_tokens / block_size) > device_blocks;
   /// ScheduleError::DuplicateId when a task with this id is waiting, running
-  /// or paused; ScheduleError::QueueFull when the waiting queue is full. On
+  /// or paused (a running or paused task cancelled from another thread holds
+  /// its id until the next step() carries the cancel out);
+  /// ScheduleError::QueueFull when the waiting queue is full. On
   /// failure nothing changes. Any thread, concurrently with anything; two
   /// concurrent submits of one id: at most one succeeds (the other may report
   /// DuplicateId even if the first then fails with QueueFull; the second
@@ -170,13 +179,16 @@ class Engine {
   [[nodiscard]] std::error_code submit(const ScheduledTask& task) noexcept;
 
   /// Cancels a waiting, running or paused task and frees every block it holds;
-  /// false if no task with this id is waiting, running or paused. Any thread,
-  /// concurrently with anything. On the serving-loop thread it takes effect
-  /// at once. On another thread a waiting task is removed at once, and a
-  /// running or paused one is marked: true is returned and its blocks are
-  /// freed by the next step() (if the loop finishes it first, it simply
-  /// finishes). Lock-free, no allocation; a cancel of the task step() is
-  /// taking out of the waiting queue at that moment waits for that take (a
+  /// false if no task with this id is waiting, running or paused, or if
+  /// another cancel() already returned true for this task: at most one
+  /// cancel() a task returns true. Any thread, concurrently with anything. On
+  /// the serving-loop thread it takes effect at once (also for a task another
+  /// thread's cancel had marked, which then still returns false). On another
+  /// thread a waiting task is removed at once, and a running or paused one is
+  /// marked: true is returned and its blocks are freed by the next step(),
+  /// which also frees its id for submit() (if the loop finishes it first, it
+  /// simply finishes). Lock-free, no allocation; a cancel of the task step()
+  /// is taking out of the waiting queue at that moment waits for that take (a
   /// few instructions of the loop: it spins 64 times, then yields its time
   /// slice, a system call, while the loop stays descheduled there), so it
   /// never reports a task that another cancel had already removed.
@@ -190,8 +202,8 @@ class Engine {
   /// next step(). Serving-loop thread only; concurrent with submit, cancel and
   /// stats. Allocates only to grow a recycled buffer past any size it has had:
   /// a plan vector, or the block list of a task slot, which keeps its capacity
-  /// from task to task (a slot that held only small tasks grows once for a
-  /// larger one). So allocation stops once every slot has held the largest
+  /// from task to task (a slot that held only small tasks grows for a larger
+  /// one, doubling its capacity, as it does while its task decodes). So allocation stops once every slot has held the largest
   /// task it will hold; a step with nothing to change never allocates.
   /// Out of memory: each decision (a preemption, resumption or admission) is
   /// made whole or not at all. If an allocation fails before the first
@@ -203,11 +215,16 @@ class Engine {
   const StepPlan& step();
 
   /// A running task grew by n tokens (decode): takes a new device block at
-  /// each block boundary, all or nothing. False when the task is not running,
-  /// or the device pool has no block for it: the tokens are still recorded and
-  /// the next step() resolves it. Serving-loop thread only. If it throws
-  /// (std::bad_alloc, growing the block table), nothing changed: the tokens
-  /// are not recorded.
+  /// each block boundary, all or nothing. False, with nothing recorded, when
+  /// the task is not running (paused included). False when the device pool
+  /// has no block for it: the tokens are recorded, the task counts as
+  /// stalled, and each step() tries to give it the blocks, first thing,
+  /// preempting if it may (docs/engine.md, "What step() does"); one that
+  /// cannot preempt waits for blocks to be freed, and one that now needs more
+  /// blocks than the whole device pool stays stalled until it finishes or is
+  /// cancelled. The block table grows geometrically. Serving-loop thread
+  /// only. If it throws (std::bad_alloc, growing the block table), nothing
+  /// changed: the tokens are not recorded.
   [[nodiscard]] bool append_tokens(TaskId id, std::size_t n);
 
   /// The running task completed: its blocks are freed. Does nothing for a task
