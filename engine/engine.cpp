@@ -917,9 +917,10 @@ class EngineCore {
     // undo), or misses it there and finds it in index_. Index first, slot
     // second: a producer's cancel waits only while the slot shows the take
     // pending (S3), so it never waits through an insert that rebuilds the
-    // index (O(index size)); one that meets the slot still vacant here
-    // missed this task in waiting_ before it was taken, hence before this
-    // registration, and reports false as for any task gone.
+    // index (O(index size)). One that meets the slot still vacant here did
+    // not find this task in waiting_: its look came before the task was
+    // submitted (false is then a valid answer), or after another cancel
+    // removed it (that one returned true, and our take below fails).
     index_.insert(w.id, s);
     slots_[s].occupy(w.id, stamp);
     std::optional<ScheduledTask> taken = waiting_.cancel(w.id);

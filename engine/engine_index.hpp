@@ -68,7 +68,7 @@ struct TaskSlot {
   void occupy(TaskId task, std::uint64_t s) noexcept {
     id.store(task, std::memory_order::release);      // (T1) read by (T4), once (T3) read (T2)
     taking.store(s, std::memory_order::release);     // (K1) pairs with (K3): a reader of it sees the vacate before
-    stamp.store(s, std::memory_order::release);      // (T2) pairs with (T3): publishes (T1) and (K1)
+    stamp.store(s, std::memory_order::release);      // (T2) pairs with (T3) and (C1): publishes (T1) and (K1)
   }
   /// Loop: the take out of waiting_ succeeded (it runs) or failed; on
   /// failure call this before vacate().
@@ -119,7 +119,9 @@ struct TaskSlot {
       if (cur == s) return Post::kAlreadyPosted;
       // A different value is a stale post (or a post for a later occupant, in
       // which case ours has left): replace it only while `s` still occupies.
-      if (stamp.load(std::memory_order::acquire) != s) return Post::kLeft;  // (C1) pairs with (T2'): occupant left
+      // (C1) pairs with (T2'), occupant left, and with (T2): a caller whose
+      // (C1) read a later occupant's stamp has its vacate before its (C2).
+      if (stamp.load(std::memory_order::acquire) != s) return Post::kLeft;
       // (C2) release pairs with the loop's (C3) and with (C0) (also the
       // failure load's acquire: a reload is a (C0)).
       if (cancel.compare_exchange_weak(cur, s, std::memory_order::acq_rel, std::memory_order::acquire)) {

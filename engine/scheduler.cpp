@@ -335,7 +335,7 @@ std::uint32_t SchedulerCore::claim_bucket(const ScheduledTask& task) noexcept {
     // 1x and 2x its growing delay), and one of them soon claims alone.
     // Either wait lasts a few hundred instructions of the other call, unless
     // that call lost its core: once the delay reaches its cap (after about
-    // 500 to 1,000 pauses in all, 15-30 us where a pause takes 30 ns), each
+    // 255 to 502 pauses in all, 8-16 us where a pause takes 30 ns), each
     // round first yields the core (a system call), so that on an
     // oversubscribed machine the waiter does not spin out its time slice
     // while the call it waits for cannot run (the Engine's waits do the same).

@@ -42,10 +42,11 @@
 // At the end of each epoch the loop (after the producers stopped) cancels
 // every id of the epoch and checks the answer against the model: every
 // accepted task is in exactly one of finished, cancelled or still there;
-// then the engine must be empty with every block free. Then, offline, every
-// producer cancel is checked against the task's lifetime: true only while the
-// task existed, false only when it was surely gone or not yet accepted; and
-// at most one cancel of a task, producers' and the drain's, returned true.
+// then the engine must be empty with every block free, and at most one
+// cancel of each task, the producers' and the drain's own, returned true.
+// Then, offline, every producer cancel is checked against the task's
+// lifetime: true only while the task existed, false only when it was surely
+// gone or not yet accepted.
 #include <algorithm>
 #include <limits>
 #include <memory>

@@ -202,8 +202,8 @@ class Engine {
   /// next step(). Serving-loop thread only; concurrent with submit, cancel and
   /// stats. Allocates only to grow a recycled buffer past any size it has had:
   /// a plan vector, or the block list of a task slot, which keeps its capacity
-  /// from task to task (a slot that held only small tasks grows for a larger
-  /// one, doubling its capacity, as it does while its task decodes). So allocation stops once every slot has held the largest
+  /// from task to task (a slot that held only small tasks grows to fit a
+  /// larger one; while its task decodes it doubles its capacity). So allocation stops once every slot has held the largest
   /// task it will hold; a step with nothing to change never allocates.
   /// Out of memory: each decision (a preemption, resumption or admission) is
   /// made whole or not at all. If an allocation fails before the first

@@ -32,7 +32,7 @@
 //                                    before it removes anything.
 // Hot paths (schedule, next, peek, cancel, len, next_id) take no lock, make no
 // system call and allocate no memory after construction (but for the yields
-// of a schedule() that waits for another of its id, above).
+// of a schedule() that waits for another of its id or fingerprint, above).
 #pragma once
 
 #include <cstddef>
