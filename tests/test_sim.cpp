@@ -601,6 +601,70 @@ TEST_SUITE("sim run") {
     CHECK(low.ttft_ms == of(waiting, Priority::Low).ttft_ms);
   }
 
+  TEST_CASE("each step-cost term is charged to the steps that incur it") {
+    const std::vector<Request> lone{{0, Priority::Normal, 32, 5, true}};
+    SUBCASE("prefill: the admitting step pays for the prompt, the decode steps nothing") {
+      CostModel c = flat_cost();
+      c.base_ms = 0;
+      c.prefill_ms_per_token = 1;
+      const auto res = simulate(lone, Policy::Fifo, small_server(), c);
+      REQUIRE(of(res, Priority::Normal).completed == 1);
+      CHECK(of(res, Priority::Normal).ttft_ms[0] == 32.0);
+      CHECK(of(res, Priority::Normal).e2e_ms[0] == 32.0);
+      CHECK(res.prefill_time == 32 * kNanosPerMs);
+      CHECK(res.decode_time == 0);
+    }
+    SUBCASE("decode: a task pays for decoding only in the steps after its prefill") {
+      CostModel c = flat_cost();
+      c.base_ms = 0;
+      c.decode_ms_per_seq = 1;
+      const auto res = simulate(lone, Policy::Fifo, small_server(), c);
+      REQUIRE(of(res, Priority::Normal).completed == 1);
+      CHECK(of(res, Priority::Normal).ttft_ms[0] == 0.0);  // the prefill step produced token 1
+      CHECK(of(res, Priority::Normal).e2e_ms[0] == 4.0);   // tokens 2-5, one decode step each
+      CHECK(res.decode_time == 4 * kNanosPerMs);
+    }
+    SUBCASE("swap: every block copied, out and back in, is paid for") {
+      CostModel c = flat_cost();  // 10 ms a step, so that the Critical arrives while the Lows run
+      c.swap_ms_per_block = 1;
+      const auto res = simulate(critical_behind_low(), Policy::Swap, small_server(), c);
+      REQUIRE(res.failure.empty());
+      std::uint64_t copied = 0;  // swap-outs and swap-ins, all classes
+      for (const ClassStats& k : res.by_priority) copied += k.swapped_blocks;
+      REQUIRE(copied > 0);
+      CHECK(res.swap_time == static_cast<Nanos>(copied) * kNanosPerMs);
+      CHECK(res.busy == static_cast<Nanos>(res.steps) * 10 * kNanosPerMs + res.swap_time);
+    }
+    SUBCASE("recompute: a resumed task prefills its prompt and every token it had generated") {
+      // Step 1 admits the three Lows (19 blocks each, 57 of 64) and produces
+      // their first tokens; the Critical, arriving at 1 ms, needs 10 blocks,
+      // so step 2 pauses the newest Low, which had 1 token, and releases
+      // its KV. It resumes once the Critical finishes: 300 + 1 tokens again.
+      CostModel c = flat_cost();
+      c.prefill_ms_per_token = 0.01;
+      const auto res = simulate(critical_behind_low(), Policy::Recompute, small_server(), c);
+      REQUIRE(res.failure.empty());
+      const ClassStats& low = of(res, Priority::Low);
+      REQUIRE(low.completed == 3);
+      CHECK(low.preemptions == 1);
+      CHECK(low.recomputed_tokens == 301);
+      CHECK(res.prefill_time == ms_to_nanos(0.01) * (3 * 300 + 150 + 301));
+    }
+  }
+
+  TEST_CASE("a deadlocked pool evicts a preemptible task before a non-preemptible one, even an older one") {
+    // As below, four tasks stall the pool; only the oldest, a Normal (its
+    // priority only a label here: FIFO ranks every task alike), is
+    // preemptible. Newest first among equals would evict a Low.
+    std::vector<Request> r{{0, Priority::Normal, 200, 400, true}};
+    for (int i = 0; i < 3; ++i) r.push_back({0, Priority::Low, 200, 400, false});
+    const auto res = simulate(r, Policy::Fifo, small_server(), flat_cost());
+    REQUIRE(res.failure.empty());
+    CHECK(of(res, Priority::Normal).evictions >= 1);
+    CHECK(of(res, Priority::Normal).completed == 1);
+    CHECK(of(res, Priority::Low).completed == 3);
+  }
+
   TEST_CASE("without preemption a pool deadlock is broken by evicting and resubmitting a task") {
     // Four tasks start with 13 blocks each and would grow to 38: every one
     // stalls long before any finishes.

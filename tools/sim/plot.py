@@ -9,6 +9,7 @@ priority, one line per policy (below). Prints the two paths.
 """
 import json
 import math
+import re
 import sys
 
 import matplotlib
@@ -121,9 +122,20 @@ def main(argv):
     prefix = argv[2]
     paths = [prefix + ".png", prefix + ".svg"]
     fig.savefig(paths[0], dpi=110, metadata={"Software": None})
-    # Fixed ids and no date: the same results give the same SVG.
+    # Fixed ids and no date: the same results give the same SVG. The salt fixes
+    # most ids, but matplotlib (3.6) also hashes the id() of each clip path
+    # into its id, so those are renumbered in order of first appearance.
     plt.rcParams["svg.hashsalt"] = "sched-sim"
     fig.savefig(paths[1], metadata={"Date": None, "Creator": None})
+    with open(paths[1], encoding="utf-8") as f:
+        svg = f.read()
+    clip_ids = {}
+    for m in re.finditer(r'<clipPath id="(p[0-9a-f]+)"', svg):
+        clip_ids.setdefault(m.group(1), f"clip{len(clip_ids)}")
+    if clip_ids:
+        svg = re.sub(r'(?<=["#])(p[0-9a-f]+)(?=[")])', lambda m: clip_ids.get(m.group(1), m.group(1)), svg)
+    with open(paths[1], "w", encoding="utf-8") as f:
+        f.write(svg)
     for p in paths:
         print(p)
     return 0
