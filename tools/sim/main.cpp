@@ -5,6 +5,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <limits>
@@ -33,7 +34,8 @@ constexpr std::size_t kMaxIssuesShown = 50;
 
 // A whole-number option: digits only, at least `min`, within its type. (CLI11
 // alone would take "-5" for an unsigned option and wrap it, and saturate a
-// number past the type's range.)
+// number past the type's range.) A transform, not a check: it passes on the
+// number it read, so that CLI11 does not read a leading zero as octal.
 template <class T>
 CLI::Validator whole(T min) {
   const std::string range = "[" + std::to_string(min) + ", " + std::to_string(std::numeric_limits<T>::max()) + "]";
@@ -42,6 +44,7 @@ CLI::Validator whole(T min) {
         T v{};
         const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
         if (ec != std::errc{} || end != text.data() + text.size() || v < min) return "must be a whole number in " + range;
+        text = std::to_string(v);  // CLI11 converts this: "010" would be 8 to it
         return {};
       },
       "INT in " + range);
@@ -66,12 +69,12 @@ void add_model_options(CLI::App& app, ServerConfig& s, CostModel& c) {
         return {};
       },
       "MS in [0, 1e12]");
-  app.add_option("--device-blocks", s.device_blocks, "KV blocks on the GPU")->capture_default_str()->check(whole<std::uint32_t>(1))->group("Server");
-  app.add_option("--host-blocks", s.host_blocks, "KV blocks in host memory (swap policy only)")->capture_default_str()->check(whole<std::uint32_t>(0))->group("Server");
-  app.add_option("--block-size", s.block_size, "tokens per KV block")->capture_default_str()->check(whole<std::uint32_t>(1))->group("Server");
-  app.add_option("--max-running", s.max_running, "most sequences in a batch")->capture_default_str()->check(whole<std::uint32_t>(1))->group("Server");
-  app.add_option("--max-step-tokens", s.max_step_tokens, "prefill token budget per step")->capture_default_str()->check(whole<std::size_t>(1))->group("Server");
-  app.add_option("--max-queue", s.max_queue, "waiting queue size; later arrivals are rejected")->capture_default_str()->check(whole<std::size_t>(1))->group("Server");
+  app.add_option("--device-blocks", s.device_blocks, "KV blocks on the GPU")->capture_default_str()->transform(whole<std::uint32_t>(1))->group("Server");
+  app.add_option("--host-blocks", s.host_blocks, "KV blocks in host memory (swap policy only)")->capture_default_str()->transform(whole<std::uint32_t>(0))->group("Server");
+  app.add_option("--block-size", s.block_size, "tokens per KV block")->capture_default_str()->transform(whole<std::uint32_t>(1))->group("Server");
+  app.add_option("--max-running", s.max_running, "most sequences in a batch")->capture_default_str()->transform(whole<std::uint32_t>(1))->group("Server");
+  app.add_option("--max-step-tokens", s.max_step_tokens, "prefill token budget per step")->capture_default_str()->transform(whole<std::size_t>(1))->group("Server");
+  app.add_option("--max-queue", s.max_queue, "waiting queue size; later arrivals are rejected")->capture_default_str()->transform(whole<std::size_t>(1))->group("Server");
   app.add_option("--base-ms", c.base_ms, "step cost: fixed part")->capture_default_str()->check(cost_ms)->group("Cost model");
   app.add_option("--prefill-ms-per-token", c.prefill_ms_per_token, "step cost per prefilled token")->capture_default_str()->check(cost_ms)->group("Cost model");
   app.add_option("--decode-ms-per-seq", c.decode_ms_per_seq, "step cost per decoding sequence")->capture_default_str()->check(cost_ms)->group("Cost model");
@@ -143,9 +146,9 @@ int main(int argc, char** argv) {
   app.add_option("--mix", mix_text, "priority mix for traces without priorities (Azure)")->capture_default_str();
   app.add_option("--preemptible-fraction", mix_opts.preemptible_fraction, "share of preemptible requests for traces without the flag")
       ->capture_default_str()->check(CLI::Range(0.0, 1.0));
-  app.add_option("--seed", mix_opts.seed, "seed of the priority mix")->capture_default_str()->check(whole<std::uint64_t>(0));
+  app.add_option("--seed", mix_opts.seed, "seed of the priority mix")->capture_default_str()->transform(whole<std::uint64_t>(0));
   app.add_option("--rate-scale", rate_scale, "multiply the arrival rate (2: twice as fast)")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--limit", limit, "simulate only the first N requests (0: all)")->capture_default_str()->check(whole<std::size_t>(0));
+  app.add_option("--limit", limit, "simulate only the first N requests (0: all)")->capture_default_str()->transform(whole<std::size_t>(0));
   app.add_option("--policies", policy_names, "policies to compare")->delimiter(',')->capture_default_str()
       ->check(CLI::IsMember({"fifo", "priority", "swap", "recompute"}));
   app.add_option("--json", json_path, "also write the results as JSON (input of tools/sim/plot.py)")
@@ -163,8 +166,8 @@ int main(int argc, char** argv) {
   std::string arrivals_name = "poisson";
   std::string gen_mix = g.mix.to_string();
   gen->add_option("-o,--out", out_path, "output file ('-': stdout)")->capture_default_str();
-  gen->add_option("--seed", g.seed, "random seed")->capture_default_str()->check(whole<std::uint64_t>(0));
-  gen->add_option("-n,--count", g.count, "number of requests")->capture_default_str()->check(whole<std::size_t>(1));
+  gen->add_option("--seed", g.seed, "random seed")->capture_default_str()->transform(whole<std::uint64_t>(0));
+  gen->add_option("-n,--count", g.count, "number of requests")->capture_default_str()->transform(whole<std::size_t>(1));
   gen->add_option("--arrivals", arrivals_name, "arrival process")->capture_default_str()->check(CLI::IsMember({"poisson", "bursty"}));
   gen->add_option("--rate", g.rate_rps, "mean arrival rate in requests/s (overrides --load)")->check(CLI::NonNegativeNumber);
   gen->add_option("--load", g.load, "arrival rate as a multiple of the estimated capacity of the server below")
@@ -174,10 +177,10 @@ int main(int argc, char** argv) {
       ->capture_default_str()->check(CLI::Range(0.0, 1.0));
   gen->add_option("--prompt-median", g.prompt.median, "lognormal prompt length: median tokens")->capture_default_str();
   gen->add_option("--prompt-sigma", g.prompt.sigma, "lognormal prompt length: sigma of log")->capture_default_str();
-  gen->add_option("--prompt-max", g.prompt.max, "longest prompt")->capture_default_str()->check(whole<std::uint32_t>(0));
+  gen->add_option("--prompt-max", g.prompt.max, "longest prompt")->capture_default_str()->transform(whole<std::uint32_t>(1));
   gen->add_option("--output-median", g.output.median, "lognormal output length: median tokens")->capture_default_str();
   gen->add_option("--output-sigma", g.output.sigma, "lognormal output length: sigma of log")->capture_default_str();
-  gen->add_option("--output-max", g.output.max, "longest output")->capture_default_str()->check(whole<std::uint32_t>(0));
+  gen->add_option("--output-max", g.output.max, "longest output")->capture_default_str()->transform(whole<std::uint32_t>(1));
   gen->add_option("--burst-factor", g.burst_factor, "bursty: rate in a burst / mean rate")->capture_default_str();
   gen->add_option("--burst-fraction", g.burst_fraction, "bursty: share of time in bursts")->capture_default_str();
   gen->add_option("--burst-period-s", g.burst_period_s, "bursty: mean burst + lull length, seconds")->capture_default_str();
@@ -228,23 +231,24 @@ int main(int argc, char** argv) {
     info.capacity_rps = estimate_capacity_rps(cost, server, trace.requests);
     info.server = server;
     info.cost = cost;
-    if (!quiet) print_header(std::cout, info);
-    std::cout.flush();
 
     std::vector<Policy> policies;
     for (const auto& name : policy_names) {
       const Policy p = *parse_policy(name);
       if (std::find(policies.begin(), policies.end(), p) == policies.end()) policies.push_back(p);
     }
-    // Bad input stops the run before anything is simulated: every policy's
-    // engine configuration is checked (the Engine names a bad field), and
-    // the JSON file is opened, first.
+    // Bad input stops the run before anything is simulated or printed:
+    // every policy's engine configuration is checked (the Engine names a bad
+    // field), and the JSON file is tried, without truncating one that exists
+    // (a failed or interrupted run keeps the previous results).
     for (const Policy p : policies) static_cast<void>(tgi_gtc::scheduling::Engine(engine_config(p, server)));
-    std::ofstream json_out;
     if (!json_path.empty()) {
-      json_out.open(json_path);
-      if (!json_out) throw std::runtime_error("cannot write " + json_path);
+      const bool existed = std::filesystem::exists(json_path);
+      if (!std::ofstream(json_path, std::ios::app)) throw std::runtime_error("cannot write " + json_path);
+      if (!existed) std::filesystem::remove(json_path);
     }
+    if (!quiet) print_header(std::cout, info);
+    check_stdout();
     std::vector<PolicyResult> results;
     ProgressBar bar(trace.requests.size() * policies.size(), !no_progress);
     for (std::size_t k = 0; k < policies.size(); ++k) {
@@ -258,6 +262,8 @@ int main(int argc, char** argv) {
     const bool all_finished =
         std::all_of(results.begin(), results.end(), [](const PolicyResult& r) { return r.failure.empty(); });
     if (!json_path.empty()) {
+      std::ofstream json_out(json_path);
+      if (!json_out) throw std::runtime_error("cannot write " + json_path);
       write_json(json_out, info, results);
       json_out.close();
       if (!json_out) throw std::runtime_error("error writing " + json_path);
