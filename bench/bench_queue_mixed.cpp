@@ -137,7 +137,7 @@ struct CancelW {
       Q& q = r.queue;
       TaskGen gen(static_cast<std::uint64_t>(tid) + 1);
       Deadline deadline(r.stop, r.duration_ticks);
-      std::uint64_t i = 0, scheduled = 0, taken = 0, cancelled = 0, refused = 0;
+      std::uint64_t i = 0, scheduled = 0, taken = 0, cancelled = 0, refused = 0, wrong = 0;
       std::uint64_t sum_in = 0, sum_out = 0;  // fingerprints of the tasks in and out
       for (; !deadline.expired(i); ++i) {
         const ScheduledTask a = gen.next(), b = gen.next(), c = gen.next();
@@ -155,6 +155,9 @@ struct CancelW {
           ++cancelled;
           ++out;
           sum_out += fingerprint(*got);
+          // Another task would still come out once (the count and fingerprint
+          // checks balance): only its id tells a cancel that hit the wrong one.
+          wrong += got->id != b.id ? 1 : 0;
         }
         for (; out < in; ++out) {
           if (const auto got = timed<kT>(h, [&] { return q.next(); })) {
@@ -170,6 +173,7 @@ struct CancelW {
       st.cancelled = cancelled;
       st.sum_in = sum_in;
       st.sum_out = sum_out;
+      st.wrong = wrong;
       st.aux0 = i;  // cancel attempts
       st.aux1 = refused;
     }

@@ -176,6 +176,7 @@ struct alignas(64) ThreadStats {
   std::uint64_t preemptions = 0;  ///< involuntary context switches inside the loop
   std::uint64_t sum_in = 0;       ///< sum of fingerprint() of the tasks accepted
   std::uint64_t sum_out = 0;      ///< sum of fingerprint() of the tasks returned (next or cancel)
+  std::uint64_t wrong = 0;        ///< calls that returned another task than the one asked for (cancel by id)
   int role = 0;                   ///< fairness is computed within a role
 };
 
@@ -354,7 +355,7 @@ inline std::optional<double> fairness(const std::vector<ThreadStats>& stats) {
 
 struct RunTotals {
   std::uint64_t items = 0, ops = 0, scheduled = 0, taken = 0, cancelled = 0, aux0 = 0, aux1 = 0, allocs = 0, cpu_ns = 0,
-                preemptions = 0, sum_in = 0, sum_out = 0;
+                preemptions = 0, sum_in = 0, sum_out = 0, wrong = 0;
   double elapsed_s = 0;
 };
 
@@ -374,6 +375,7 @@ inline RunTotals totals(const std::vector<ThreadStats>& stats) {
     t.preemptions += s.preemptions;
     t.sum_in += s.sum_in;
     t.sum_out += s.sum_out;
+    t.wrong += s.wrong;
     first = std::min(first, s.start);
     last = std::max(last, s.end);
   }

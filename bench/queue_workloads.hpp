@@ -88,7 +88,10 @@ void queue_benchmark(benchmark::State& state, std::size_t depth, std::size_t cap
         left_sum += fingerprint(*x);
       }
       const std::uint64_t expected = run->prefilled + t.scheduled - t.taken - t.cancelled;
-      if (left != expected) {
+      if (t.wrong != 0) {
+        error = std::to_string(t.wrong) + " cancels returned another task than the one asked for";
+        state.SkipWithError(error.c_str());
+      } else if (left != expected) {
         error = "conservation violated: " + std::to_string(left) + " tasks left, expected " + std::to_string(expected);
         state.SkipWithError(error.c_str());
       } else if (run->prefill_sum + t.sum_in != t.sum_out + left_sum) {
