@@ -638,7 +638,9 @@ class EngineCore {
       set_deficit(s);
       return false;
     }
-    room_for(r.device, want - have);  // the last allocation (geometric: decode is O(1) amortized); nothing changed yet
+    // The last allocation; nothing changed yet. Geometric: decode one block at
+    // a time costs O(1) amortized, not a copy of the whole table.
+    room_for(r.device, want - have);
     r.device.resize(want);
     if (!device_.try_allocate(std::span<BlockId>(r.device).subspan(have))) {
       r.device.resize(have);

@@ -530,8 +530,8 @@ def goals(res: Results, hw: int) -> list[list[str]]:
         no_fig = [m for m in MUTEX_QUEUES if med(w, m, "lat", n_over, "p999_ns") is None]
         out.append([f"{where}: p99.9 <= 1/10 of the mutex peers'",
                     f"{fmt_ns(p999)} vs {', '.join(fmt_ns(m) for m in mut) or '-'}{cut_note}",
-                    gated(w, n_over, unless_missing(verdict(*res.compare_latency(w, PROJECT, MUTEX_QUEUES, n_over, 0.1)),
-                                                    no_fig))])
+                    gated(w, n_over, unless_missing(
+                        verdict(*res.compare_latency(w, PROJECT, MUTEX_QUEUES, n_over, 0.1)), no_fig))])
         fair = med(w, PROJECT, "tput", n_over, "fairness")
         lat_fair = med(w, PROJECT, "lat", n_over, "fairness")
         # The empty timed section at the same thread count is what the OS

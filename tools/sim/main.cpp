@@ -43,7 +43,9 @@ CLI::Validator whole(T min) {
       [min, range](std::string& text) -> std::string {
         T v{};
         const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-        if (ec != std::errc{} || end != text.data() + text.size() || v < min) return "must be a whole number in " + range;
+        if (ec != std::errc{} || end != text.data() + text.size() || v < min) {
+          return "must be a whole number in " + range;
+        }
         text = std::to_string(v);  // CLI11 converts this: "010" would be 8 to it
         return {};
       },

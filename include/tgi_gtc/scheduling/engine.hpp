@@ -203,8 +203,9 @@ class Engine {
   /// stats. Allocates only to grow a recycled buffer past any size it has had:
   /// a plan vector, or the block list of a task slot, which keeps its capacity
   /// from task to task (a slot that held only small tasks grows to fit a
-  /// larger one; while its task decodes it doubles its capacity). So allocation stops once every slot has held the largest
-  /// task it will hold; a step with nothing to change never allocates.
+  /// larger one; while its task decodes it doubles its capacity). So
+  /// allocation stops once every slot has held the largest task it will hold;
+  /// a step with nothing to change never allocates.
   /// Out of memory: each decision (a preemption, resumption or admission) is
   /// made whole or not at all. If an allocation fails before the first
   /// decision, step() throws std::bad_alloc (cancels from other threads and
