@@ -602,24 +602,25 @@ TEST_SUITE("sim run") {
   }
 
   TEST_CASE("each step-cost term is charged to the steps that incur it") {
-    const std::vector<Request> lone{{0, Priority::Normal, 32, 5, true}};
-    SUBCASE("prefill: the admitting step pays for the prompt, the decode steps nothing") {
+    // A lone request under a cost model of one term, at 1 ms, and nothing else.
+    const auto lone_with = [](double CostModel::*term) {
+      const std::vector<Request> lone{{0, Priority::Normal, 32, 5, true}};
       CostModel c = flat_cost();
       c.base_ms = 0;
-      c.prefill_ms_per_token = 1;
+      c.*term = 1;
       const auto res = simulate(lone, Policy::Fifo, small_server(), c);
       REQUIRE(of(res, Priority::Normal).completed == 1);
+      return res;
+    };
+    SUBCASE("prefill: the admitting step pays for the prompt, the decode steps nothing") {
+      const auto res = lone_with(&CostModel::prefill_ms_per_token);
       CHECK(of(res, Priority::Normal).ttft_ms[0] == 32.0);
       CHECK(of(res, Priority::Normal).e2e_ms[0] == 32.0);
       CHECK(res.prefill_time == 32 * kNanosPerMs);
       CHECK(res.decode_time == 0);
     }
     SUBCASE("decode: a task pays for decoding only in the steps after its prefill") {
-      CostModel c = flat_cost();
-      c.base_ms = 0;
-      c.decode_ms_per_seq = 1;
-      const auto res = simulate(lone, Policy::Fifo, small_server(), c);
-      REQUIRE(of(res, Priority::Normal).completed == 1);
+      const auto res = lone_with(&CostModel::decode_ms_per_seq);
       CHECK(of(res, Priority::Normal).ttft_ms[0] == 0.0);  // the prefill step produced token 1
       CHECK(of(res, Priority::Normal).e2e_ms[0] == 4.0);   // tokens 2-5, one decode step each
       CHECK(res.decode_time == 4 * kNanosPerMs);
