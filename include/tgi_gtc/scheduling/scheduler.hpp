@@ -3,8 +3,9 @@
 // buckets, never a scan of the queue (the range widens slowly over a
 // process's life; a cancel that races its task's schedule() also reads the
 // ring cells of the tickets taken since that one's; see README "Design").
-// (One answer is not linearizable: QueueFull, which counts schedule() calls
-// in flight; see README "Guarantees".)
+// (Not linearizable: a QueueFull refusal and len()/is_empty(), which count
+// schedule() calls in flight, and clear(), which removes task by task; see
+// README "Guarantees".)
 //
 // Thread safety: every member function may be called from any number of
 // threads at once, with any other member function, except construction and
@@ -93,7 +94,9 @@ class Scheduler {
   /// Removes and returns every queued task, in the order next() would have
   /// returned them. Under concurrency: every task queued before clear() began
   /// and not removed by another call; tasks scheduled meanwhile may or may not
-  /// be included. Allocates the returned vector before it removes any task: a
+  /// be included. Not one instant: it removes the tasks one by one, so a
+  /// next() racing it may take a later task of a priority whose earlier one
+  /// clear() took. Allocates the returned vector before it removes any task: a
   /// std::bad_alloc leaves the queue unchanged.
   std::vector<ScheduledTask> clear();
 
