@@ -107,8 +107,10 @@ class BlockPool {
 
   /// Blocks a try_allocate could take now: never more than the blocks whose
   /// bits are clear, whatever the callers do. While callers keep the contract,
-  /// exact when no call is in flight; during a release it may lag the blocks
-  /// whose count already reached 0 (never the other way).
+  /// exact when no call is in flight; it may lag the blocks whose count reads
+  /// 0 by the blocks inside calls in flight (never the other way): those a
+  /// release already dropped to 0, and those a try_allocate reserved before
+  /// it stores their count of 1.
   std::uint32_t free_blocks() const noexcept;
 
   /// References to `block` now (0: free, or out of range). A snapshot.
@@ -214,8 +216,10 @@ class BlockAllocation {
   /// all-or-nothing and appends them. Never frees blocks: a total that fits in
   /// the blocks held now (smaller ones included) just records the new token
   /// count. On false (pool short of blocks, or an empty allocation) nothing
-  /// changed. May throw std::bad_alloc growing the block list (then nothing
-  /// changed either).
+  /// changed, but for where the block list lives: a span taken from blocks()
+  /// before any extend() call is invalid after it, whatever it returns (the
+  /// list may have been moved to make room before the pool said no). May throw
+  /// std::bad_alloc growing the block list (then nothing changed either).
   [[nodiscard]] bool extend(std::size_t new_total_tokens);
 
   /// A second owner of the same blocks and token count: every block gains one
