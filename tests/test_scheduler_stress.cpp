@@ -471,7 +471,7 @@ TEST_CASE("the history checker flags a task passed over for one scheduled before
   v = handover.check();
   REQUIRE(v.size() == 1);
   CHECK(v[0].kind == "empty");
-  CHECK(v[0].detail.find("and task 2") != std::string::npos);
+  CHECK(v[0].detail.find("then task 2") != std::string::npos);
 
   HistoryChecker gap(false);  // cancelled before task 2 was scheduled: the queue was empty in between
   gap.add({{Op::Schedule, true, Priority::Low, 1, 1, 2},

@@ -527,6 +527,49 @@ TEST_CASE("findings: a lower-priority next while two higher tasks in turn covere
   CHECK(h.findings().items.empty());
 }
 
+TEST_CASE("findings: a chain of three tasks queued in turn across an empty next() or a lower-priority next() is reported") {
+  const auto findings = [](const ThreadLog& log, bool priority_mode) {
+    HistoryChecker h(priority_mode);
+    h.add(log);
+    return h.findings();
+  };
+  // 1 is queued until its removal begins at 10; 2, scheduled by 5, until 14;
+  // 3, scheduled by 13, until 40: some task was queued at every instant of
+  // the next [3,30] that returned nothing, though no two of them cover it.
+  ThreadLog log{{Op::Schedule, true, Priority::Normal, 1, 1, 2},
+                {Op::Next, false, Priority::Normal, 0, 3, 30},  // returned nothing
+                {Op::Schedule, true, Priority::Normal, 2, 4, 5},
+                {Op::Next, true, Priority::Normal, 1, 10, 11},
+                {Op::Schedule, true, Priority::Normal, 3, 12, 13},
+                {Op::Next, true, Priority::Normal, 2, 14, 15},
+                {Op::Clear, true, Priority::Normal, 3, 40, 41}};
+  // The same chain of High tasks across a next that returned a Low one.
+  ThreadLog low = log;
+  for (Event& e : low) e.priority = Priority::High;
+  low[1] = {Op::Next, true, Priority::Low, 4, 3, 30};
+  low.push_back({Op::Schedule, true, Priority::Low, 4, 0, 1});
+  struct Case {
+    ThreadLog log;
+    bool priority_mode;
+    const char* kind;
+    std::vector<TaskId> ids;
+  };
+  for (Case& c : std::vector<Case>{{log, true, "empty", {0, 1, 2, 3}},
+                                   {log, false, "empty", {0, 1, 2, 3}},
+                                   {low, true, "priority", {4, 1, 2, 3}}}) {
+    CAPTURE(c.kind);
+    const auto f = findings(c.log, c.priority_mode);
+    REQUIRE(f.items.size() == 1);
+    CHECK(f.items[0].kind == c.kind);
+    CHECK(f.items[0].ids == c.ids);
+    CHECK(f.items[0].at == 30);
+    // 3 scheduled only after 2's removal began: the next may come in between.
+    c.log[4].start = 15;
+    c.log[4].end = 16;
+    CHECK(findings(c.log, c.priority_mode).items.empty());
+  }
+}
+
 TEST_CASE("findings: a peek takes effect before the task it returned left, so its window ends there") {
   // peek [5,20] returned b (Low), which cancel removed by 7; h (High) was
   // queued from 2 to 10: the peek took effect by 7, while h was queued.

@@ -14,20 +14,21 @@
 //                 queued at every instant the call could take effect: schedule(a)
 //                 preceded the call or schedule(b) (which takes effect before a
 //                 call that returns b), and a's removal began after the call
-//                 returned (or never happened); or, as for empty below, a task
-//                 x of higher priority than b was queued until its removal
-//                 began and a task a of higher priority than b, scheduled
-//                 before that, from then on until after the call. A peek takes
+//                 returned (or never happened); or, as for empty below, a
+//                 chain of tasks of higher priority than b covered the call in
+//                 turn. A peek takes
 //                 effect while b is queued, so before b's removal ended: that
 //                 instant ends its interval here (and for fifo, below) when it
 //                 comes before the peek's return;
 //   cancel        cancel(id) found nothing although schedule(id) preceded it
 //                 and id's removal began after the cancel returned;
 //   empty         a next()/peek() returned nothing although some task was
-//                 queued at every instant of the call: a task x whose schedule
-//                 preceded the call, and either x itself or a task a scheduled
-//                 before x's removal began, removed only after the call
-//                 returned (until x leaves, x is queued; from then on, a is);
+//                 queued at every instant of the call: a task x1 whose
+//                 schedule preceded the call, removed only after it returned,
+//                 or a chain x1, x2, ... of tasks, each scheduled before the
+//                 previous one's removal began, the last removed only after
+//                 the call returned (until x1 leaves, x1 is queued; from then
+//                 on, x2, and so on);
 //   clear         for a clear() logged with a marker event (Op::Clear, ok
 //                 false, id 0: sched-stress logs one for every call, so an
 //                 empty clear is judged too): a task whose schedule preceded
@@ -172,7 +173,7 @@ class HistoryChecker {
     std::vector<Finding> kept[kKindCount];
     std::size_t counts[kKindCount] = {};
     // The text is built only for findings that are kept.
-    auto report = [&](std::size_t k, std::initializer_list<const Event*> involved, auto&& text) {
+    auto report = [&](std::size_t k, const std::vector<const Event*>& involved, auto&& text) {
       ++counts[k];
       std::uint64_t last = 0;
       for (const Event* e : involved) last = std::max(last, e->end);
@@ -259,25 +260,58 @@ class HistoryChecker {
       }
       return latest;
     };
-    // A chain of two queued tasks: x until its removal began, then a (x
-    // itself, or one scheduled before that) until its removal began.
-    struct Cover {
-      const Life* x;
-      const Life* a;  // nullptr: none
-    };
-    auto cover_start = [&](const Cover& c) { return c.a ? removal_start(c.a) : 0; };
-    // covers[i]: among tasks[0..i] as x, the chain whose a's removal began
-    // latest; so some task was queued from tasks[i]'s schedule end on until
-    // cover_start(covers[i]) at least.
-    auto best_covers = [&](const std::vector<const Life*>& tasks) {
-      const std::vector<const Life*> latest = latest_removals(tasks);
-      std::vector<Cover> best(tasks.size());
-      for (std::size_t i = 0; i < tasks.size(); ++i) {
-        const std::size_t n = scheduled_before(tasks, removal_start(tasks[i]));
-        const Cover here{tasks[i], n == 0 ? nullptr : latest[n - 1]};
-        best[i] = i == 0 || cover_start(here) > cover_start(best[i - 1]) ? here : best[i - 1];
+    // A chain of queued tasks from an instant T on: x1, among the tasks
+    // scheduled before T, the one whose removal began latest, queued until R1,
+    // when that removal began; x2, among those scheduled before R1, the one
+    // whose removal began latest, until R2; and so on while R grows. Each
+    // x(i+1) was scheduled before x(i) left, so one of them was queued at
+    // every instant from T to the last R. With `tasks` sorted by schedule end
+    // and `latest` from latest_removals(tasks): reach[n - 1] is the last R of
+    // the chain from any T before which exactly n tasks were scheduled.
+    // Computed from the longest prefix down, each prefix in one step.
+    auto chain_reach = [&](const std::vector<const Life*>& tasks, const std::vector<const Life*>& latest) {
+      std::vector<std::uint64_t> reach(tasks.size());
+      for (std::size_t n = tasks.size(); n >= 1; --n) {
+        const std::uint64_t r = removal_start(latest[n - 1]);
+        const std::size_t m = scheduled_before(tasks, r);
+        reach[n - 1] = m > n ? reach[m - 1] : r;  // m > n: the chain goes on from the prefix of m
       }
-      return best;
+      return reach;
+    };
+    // The tasks of the chain from a prefix of n, up to the first whose
+    // removal began after `beyond` (for reports; reach[n - 1] > beyond).
+    auto chain_from = [&](const std::vector<const Life*>& tasks, const std::vector<const Life*>& latest, std::size_t n,
+                          std::uint64_t beyond) {
+      std::vector<const Life*> chain;
+      for (;;) {
+        chain.push_back(latest[n - 1]);
+        const std::uint64_t r = removal_start(latest[n - 1]);
+        const std::size_t m = scheduled_before(tasks, r);
+        if (r > beyond || m <= n) break;
+        n = m;
+      }
+      return chain;
+    };
+    // "task a, scheduled [..], was queued until [..], then task b, scheduled
+    // [..] before that, until [..], ..."; and the calls involved.
+    auto chain_text = [&](const std::vector<const Life*>& chain) {
+      std::string t;
+      for (std::size_t i = 0; i < chain.size(); ++i) {
+        const Life* x = chain[i];
+        t += (i == 0 ? "task " : ", then task ") + std::to_string(x->sched->id) + " (" +
+             std::string(tgi_gtc::scheduling::to_string(x->sched->priority)) + "), scheduled" + at(*x->sched) +
+             (i == 0 ? ", was queued until" : " before that, until") +
+             (x->removal ? at(*x->removal) : std::string(" the end"));
+      }
+      return t;
+    };
+    auto chain_calls = [](const Event& e, const std::vector<const Life*>& chain) {
+      std::vector<const Event*> calls{&e};
+      for (std::size_t i = 0; i < chain.size(); ++i) {
+        calls.push_back(chain[i]->sched);
+        if (i + 1 < chain.size()) calls.push_back(chain[i]->removal);  // left before the next one's schedule ended
+      }
+      return calls;
     };
     auto by_schedule_end = [](std::vector<const Life*>& tasks) {
       std::sort(tasks.begin(), tasks.end(), [](auto* x, auto* y) { return x->sched->end < y->sched->end; });
@@ -407,37 +441,31 @@ class HistoryChecker {
         }
       }
       // The same through a chain, as the empty check below: for a next/peek
-      // returning priority p, x of a higher priority was queued until its
-      // removal began and a of a higher priority, scheduled before that, until
-      // after the call could take effect. (A single task that covers the call
-      // is the rule above's finding.)
+      // returning priority p, tasks of higher priorities were queued in turn
+      // (chain_reach) from the earliest instant the call could take effect
+      // until after the latest. (A single task that covers the call is the
+      // rule above's finding.)
       for (std::size_t p = 0; p + 1 < 4; ++p) {
         std::vector<const Life*> tasks;
         for (const auto& [id, l] : life) {
           if (l.sched && static_cast<std::size_t>(l.sched->priority) > p) tasks.push_back(&l);
         }
         by_schedule_end(tasks);
-        const std::vector<Cover> best = best_covers(tasks);
+        const std::vector<const Life*> latest = latest_removals(tasks);
+        const std::vector<std::uint64_t> reach = chain_reach(tasks, latest);
         for (const Event& e : events_) {
           if ((e.op != Op::Next && e.op != Op::Peek) || !e.ok || static_cast<std::size_t>(e.priority) != p) continue;
           std::uint64_t after = e.start;
           if (const auto it = life.find(e.id); it != life.end() && it->second.sched) after = std::max(after, it->second.sched->start);
           const std::size_t n = scheduled_before(tasks, after);
           if (n == 0) continue;
-          const Cover& c = best[n - 1];
           const std::uint64_t until = effect_end(e);
-          if (!c.a || c.a == c.x || removal_start(c.a) <= until || removal_start(c.x) > until) continue;
-          const Life* x = c.x;
-          const Life* a = c.a;
-          auto text = [&] {
+          if (reach[n - 1] <= until || removal_start(latest[n - 1]) > until) continue;
+          const std::vector<const Life*> chain = chain_from(tasks, latest, n, until);
+          report(2, chain_calls(e, chain), [&] {
             return name(e.op) + at(e) + " returned task " + std::to_string(e.id) + " (" +
-                   std::string(tgi_gtc::scheduling::to_string(e.priority)) + ") while task " + std::to_string(x->sched->id) +
-                   " (" + std::string(tgi_gtc::scheduling::to_string(x->sched->priority)) + "), scheduled" + at(*x->sched) +
-                   ", was queued until" + (x->removal ? at(*x->removal) : std::string(" the end")) + ", and task " +
-                   std::to_string(a->sched->id) + " (" + std::string(tgi_gtc::scheduling::to_string(a->sched->priority)) +
-                   "), scheduled" + at(*a->sched) + " before that, until" + (a->removal ? at(*a->removal) : std::string(" the end"));
-          };
-          report(2, {&e, x->sched, x->removal, a->sched}, text);  // x left before `until`: removal set
+                   std::string(tgi_gtc::scheduling::to_string(e.priority)) + ") while " + chain_text(chain);
+          });
         }
       }
     }
@@ -457,42 +485,23 @@ class HistoryChecker {
       }
     }
 
-    // Empty: for each next/peek r that returned nothing, no task x scheduled
-    // before r began may be matched by a task a (x itself, or one scheduled
-    // before x's removal began) whose removal began after r returned. Sweep
-    // the tasks by schedule end: for each x, cover(x) is the latest removal
-    // start among the a scheduled before x's removal began.
+    // Empty: a next/peek that returned nothing may not have run while a chain
+    // of queued tasks (chain_reach) covered it: from its start, before which
+    // the chain's first task was scheduled, until after its end.
     {
       std::vector<const Life*> tasks;
       for (const auto& [id, l] : life) {
         if (l.sched) tasks.push_back(&l);
       }
       by_schedule_end(tasks);
-      const std::vector<Cover> best = best_covers(tasks);
+      const std::vector<const Life*> latest = latest_removals(tasks);
+      const std::vector<std::uint64_t> reach = chain_reach(tasks, latest);
       for (const Event& e : events_) {
         if ((e.op != Op::Next && e.op != Op::Peek) || e.ok) continue;
         const std::size_t n = scheduled_before(tasks, e.start);
-        if (n == 0) continue;
-        const Cover& c = best[n - 1];
-        if (!c.a || removal_start(c.a) <= e.end) continue;
-        const Life* x = c.x;
-        const Life* a = c.a;
-        auto text = [&] {
-          std::string t = name(e.op) + at(e) + " returned nothing, but task " + std::to_string(x->sched->id) + ", scheduled" +
-                          at(*x->sched) + ", was queued until" + (x->removal ? at(*x->removal) : std::string(" the end"));
-          if (a != x) {
-            t += ", and task " + std::to_string(a->sched->id) + ", scheduled" + at(*a->sched) + " before that, until" +
-                 (a->removal ? at(*a->removal) : std::string(" the end"));
-          }
-          return t;
-        };
-        if (a == x) {
-          report(6, {&e, x->sched}, text);
-        } else if (x->removal) {
-          report(6, {&e, x->sched, x->removal, a->sched}, text);
-        } else {
-          report(6, {&e, x->sched, a->sched}, text);
-        }
+        if (n == 0 || reach[n - 1] <= e.end) continue;
+        const std::vector<const Life*> chain = chain_from(tasks, latest, n, e.end);
+        report(6, chain_calls(e, chain), [&] { return name(e.op) + at(e) + " returned nothing, but " + chain_text(chain); });
       }
     }
 
