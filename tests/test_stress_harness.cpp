@@ -149,6 +149,23 @@ TEST_CASE("broken-pool: a reference dropped too many is reported with the block 
   if (v.kind != "pool") CHECK(v.ids.size() == 1);  // the block
 }
 
+#if defined(__x86_64__)
+TEST_CASE("broken-pool-refusing: an allocation failed with blocks to spare is reported, naming the call") {
+  const auto seed = tgi_test::seed();
+  MESSAGE("seed=" << seed);
+  auto c = config(st::Target::BrokenPoolRefusing, 4, 20000, seed);
+  c.drop_every = 50;
+  const auto r = st::run(c);
+  INFO(describe(r));
+  REQUIRE(count_of(r, "pool") > 0);
+  CHECK(r.violation_counts.size() == 1);  // nothing else is wrong
+  const st::Violation& v = *first_of(r, "pool");
+  CHECK(v.detail.find("blocks were free throughout it") != std::string::npos);
+  REQUIRE(v.calls.size() == 1);
+  CHECK(v.calls[0].op == "try_allocate");
+}
+#endif
+
 TEST_CASE("broken-duplicates: a second copy of a queued id is reported as duplicate, naming the schedule") {
   const auto seed = tgi_test::seed();
   MESSAGE("seed=" << seed);
@@ -262,6 +279,23 @@ TEST_CASE("broken-engine-order: an engine blind to priorities is reported as ord
   CHECK(v->ids[0] != v->ids[1]);
 }
 
+TEST_CASE("broken-engine-full: QueueFull from an engine whose waiting queue was far from full is reported, naming the submit") {
+  const auto seed = tgi_test::seed();
+  MESSAGE("seed=" << seed);
+  auto c = config(st::Target::BrokenEngineFull, 4, 20000, seed);
+  c.drop_every = 50;
+  const auto r = st::run(c);
+  INFO(describe(r));
+  REQUIRE(count_of(r, "queue_full") > 0);
+  CHECK(r.violation_counts.size() == 1);  // nothing else is wrong
+  const st::Violation& v = *first_of(r, "queue_full");
+  REQUIRE(v.ids.size() == 1);
+  CHECK(v.ids[0] % 50 == 0);
+  REQUIRE(v.calls.size() == 1);
+  CHECK(v.calls[0].op == "submit");
+  CHECK(v.calls[0].id == v.ids[0]);
+}
+
 TEST_CASE("broken-engine-order in FIFO mode, where priorities do not count, passes") {
   auto c = config(st::Target::BrokenEngineOrder, 4, 20000, tgi_test::seed());
   c.fifo = true;
@@ -307,6 +341,17 @@ TEST_CASE("the real targets pass the runs that fail the broken ones" * doctest::
     CHECK(r.stat("payload_checks") > r.stat("handoffs"));
   }
   {
+    // Scarce blocks: many allocations fail, each judged (x86-64).
+    auto c = config(st::Target::Pool, 4, 20000 * scale, seed);
+    c.capacity = 32;
+    const auto r = st::run(c);
+    INFO(describe(r));
+    CHECK(r.ok());
+#if defined(__x86_64__)
+    CHECK(r.stat("failed_allocations_checked") > 0);
+#endif
+  }
+  {
     // Pauses every 256 operations a thread: each one, and the end, takes every
     // free block in one call; the last takes the whole pool.
     auto c = config(st::Target::Pool, 4, 20000 * scale, seed);
@@ -328,6 +373,7 @@ TEST_CASE("the real targets pass the runs that fail the broken ones" * doctest::
     CHECK(r.ok());
     CHECK(r.stat("preemptions") > 0);
     CHECK(r.stat("victims_cause_checked") > 0);
+    CHECK(r.stat("queue_full_checked") == r.stat("queue_full"));
   }
 #endif
 }

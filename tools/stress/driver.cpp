@@ -31,8 +31,10 @@ constexpr TargetName kTargets[] = {
     {Target::BrokenPool, "broken-pool"},
     {Target::BrokenPoolOrder, "broken-pool-order"},
     {Target::BrokenPoolBits, "broken-pool-bits"},
+    {Target::BrokenPoolRefusing, "broken-pool-refusing"},
     {Target::BrokenEngine, "broken-engine"},
     {Target::BrokenEngineOrder, "broken-engine-order"},
+    {Target::BrokenEngineFull, "broken-engine-full"},
 };
 }  // namespace
 
@@ -70,9 +72,11 @@ std::vector<Target> available_targets() {
   out.push_back(Target::BrokenPool);
   out.push_back(Target::BrokenPoolOrder);
   out.push_back(Target::BrokenPoolBits);
+  out.push_back(Target::BrokenPoolRefusing);
 #if TGI_STRESS_HAS_ENGINE
   out.push_back(Target::BrokenEngine);
   out.push_back(Target::BrokenEngineOrder);
+  out.push_back(Target::BrokenEngineFull);
 #endif
   return out;
 }
@@ -92,10 +96,12 @@ Mix default_mix(Target t) {
     case Target::BrokenPool:
     case Target::BrokenPoolOrder:
     case Target::BrokenPoolBits:
+    case Target::BrokenPoolRefusing:
       return {{"allocate", 40}, {"share", 20}, {"release", 40}};
     case Target::Engine:
     case Target::BrokenEngine:
     case Target::BrokenEngineOrder:
+    case Target::BrokenEngineFull:
       return {{"submit", 30}, {"cancel", 5}, {"step", 30}, {"append", 30}, {"finish", 5}};
   }
   return {};
@@ -173,6 +179,7 @@ Report run(Config config) {
     case Target::BrokenPool:
     case Target::BrokenPoolOrder:
     case Target::BrokenPoolBits:
+    case Target::BrokenPoolRefusing:
       if (config.capacity == 0) config.capacity = 1024;
       r.config = config;
       detail::run_pool_target(config, r);
@@ -180,6 +187,7 @@ Report run(Config config) {
     case Target::Engine:
     case Target::BrokenEngine:
     case Target::BrokenEngineOrder:
+    case Target::BrokenEngineFull:
       if (config.capacity == 0) config.capacity = 256;
       r.config = config;
       detail::run_engine_target(config, r);

@@ -3,6 +3,7 @@
 // (all workers stopped) where the main thread checks what they did.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <chrono>
@@ -128,6 +129,11 @@ class OpPicker {
 inline std::mt19937_64 thread_rng(std::uint64_t seed, unsigned w) {
   std::seed_seq s{static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32), static_cast<std::uint32_t>(w)};
   return std::mt19937_64(s);
+}
+
+/// How many stamps of the sorted `v` are below `x`.
+inline std::int64_t below(const std::vector<std::uint64_t>& v, std::uint64_t x) {
+  return static_cast<std::int64_t>(std::lower_bound(v.begin(), v.end(), x) - v.begin());
 }
 
 /// splitmix64: derives task payloads from ids so that any corruption shows.

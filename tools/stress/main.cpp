@@ -62,7 +62,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(std::size_t{64}, std::size_t{1} << 32))
       ->capture_default_str();
   app.add_option("--max-findings", cfg.max_findings, "violations kept and printed per kind")->capture_default_str();
-  app.add_option("--drop-every", cfg.drop_every, "broken-dropping: lose tasks whose id is a multiple of this; broken-full: refuse them; broken-empty: answer every this-th next() or peek() with nothing; broken-pool: over-release every this-th shared release; broken-pool-bits: keep every this-th freed block; broken-engine: hide every this-th preemption")
+  app.add_option("--drop-every", cfg.drop_every, "broken-dropping: lose tasks whose id is a multiple of this; broken-full: refuse them; broken-empty: answer every this-th next() or peek() with nothing; broken-pool: over-release every this-th shared release; broken-pool-bits: keep every this-th freed block; broken-pool-refusing: fail every this-th try_allocate; broken-engine: hide every this-th preemption; broken-engine-full: refuse ids that are multiples of this")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   app.add_option("--stall-seconds", cfg.stall_seconds,
@@ -108,7 +108,8 @@ int main(int argc, char** argv) {
   // The hooks are the Scheduler's: the Engine queues its tasks in two of them,
   // the pool and the other broken targets use none.
   if (cfg.target != st::Target::Scheduler && cfg.target != st::Target::Engine &&
-      cfg.target != st::Target::BrokenEngine && cfg.target != st::Target::BrokenEngineOrder) {
+      cfg.target != st::Target::BrokenEngine && cfg.target != st::Target::BrokenEngineOrder &&
+      cfg.target != st::Target::BrokenEngineFull) {
     std::cerr << kProgram << ": --target " << target_name
               << ": no Scheduler inside, so no test hooks to stall at; run sched-stress for it\n";
     return 2;

@@ -57,11 +57,14 @@ void print_summary(std::ostream& os, const Report& r) {
   os << "sched-stress: target " << to_string(c.target) << ", " << c.threads << " threads, seed " << c.seed << "\n";
   os << "  config:  capacity " << c.capacity;
   if (c.target != Target::Pool && c.target != Target::BrokenPool && c.target != Target::BrokenPoolOrder &&
-      c.target != Target::BrokenPoolBits) os << ", " << (c.fifo ? "FIFO mode" : "priority mode");
+      c.target != Target::BrokenPoolBits && c.target != Target::BrokenPoolRefusing) os << ", " << (c.fifo ? "FIFO mode" : "priority mode");
   if (c.reuse_ids != 0) os << ", ids 1.." << c.reuse_ids << " reused";
   os << ", mix " << mix_text(c.mix) << ", " << (c.seconds > 0 ? fmt("%.3g s", c.seconds) : std::to_string(c.ops) + " ops")
      << ", max-events " << c.max_events << "/thread";
-  if (c.target == Target::BrokenDropping || c.target == Target::BrokenFull || c.target == Target::BrokenPool || c.target == Target::BrokenEngine) os << ", drop-every " << c.drop_every;
+  if (c.target == Target::BrokenDropping || c.target == Target::BrokenFull || c.target == Target::BrokenPool || c.target == Target::BrokenEngine ||
+      c.target == Target::BrokenPoolBits || c.target == Target::BrokenPoolRefusing || c.target == Target::BrokenEngineFull) {
+    os << ", drop-every " << c.drop_every;
+  }
   os << "\n";
   os << "  run:     " << r.total_ops << " ops in " << fmt("%.3f", r.seconds) << " s = " << fmt("%.3f", rate(r.total_ops, r.seconds) / 1e6)
      << " Mops/s; " << r.epochs << (r.epochs == 1 ? " epoch" : " epochs") << ", checking " << fmt("%.3f", r.check_seconds) << " s";

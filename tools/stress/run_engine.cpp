@@ -46,7 +46,8 @@
 // cancel of each task, the producers' and the drain's own, returned true.
 // Then, offline, every producer cancel is checked against the task's
 // lifetime: true only while the task existed, false only when it was surely
-// gone or not yet accepted.
+// gone or not yet accepted; and every QueueFull against how many tasks the
+// waiting queue can have held during the submit (check_refusals).
 #include <algorithm>
 #include <limits>
 #include <memory>
@@ -115,6 +116,7 @@ struct SharedRec {
   std::atomic<std::uint32_t> cancels_true{0};  // producer cancels that returned true: at most one
   std::atomic<std::uint64_t> submit_start{0}, submit_end{0};
   std::atomic<std::uint64_t> cancel_start{0}, cancel_end{0};  // the earliest cancel that returned true
+  std::atomic<bool> queue_full{false};  // refused with QueueFull (submit is then kRefused)
 };
 constexpr std::uint8_t kNotSubmitted = 0, kSubmitting = 1, kAccepted = 2, kRefused = 3;
 
@@ -214,6 +216,20 @@ class PriorityBlindEngine : public EngineWrapper {
   StepPlan plan_;
 };
 
+/// An Engine that reports QueueFull for every task whose id is a multiple of
+/// `every`, however short its waiting queue. The refusal check must catch it.
+class RefusingEngine : public EngineWrapper {
+ public:
+  RefusingEngine(EngineConfig config, std::uint64_t every) : EngineWrapper(config), every_(every) {}
+  [[nodiscard]] std::error_code submit(const ScheduledTask& t) noexcept {
+    if (t.id % every_ == 0) return ScheduleError::QueueFull;
+    return engine_.submit(t);
+  }
+
+ private:
+  std::uint64_t every_;
+};
+
 template <class E>
 class EngineRun {
  public:
@@ -279,6 +295,7 @@ class EngineRun {
                 {"host_blocks", host_total_},
                 {"tasks_accepted", accepted_},
                 {"queue_full", queue_full_.load()},
+                {"queue_full_checked", refusals_judged_},
                 {"max_running", max_running_},
                 {"finished", finished_},
                 {"cancelled", cancelled_},
@@ -338,6 +355,7 @@ class EngineRun {
     const std::uint64_t t1 = clock_.tick();
     sh.submit_start.store(t0);
     sh.submit_end.store(t1);
+    sh.queue_full.store(ec == ScheduleError::QueueFull);
     sh.submit.store(ec ? kRefused : kAccepted);
     if (ec == ScheduleError::QueueFull) queue_full_.fetch_add(1, std::memory_order::relaxed);  // relaxed: a statistic read after the run
     const bool too_big = blocks_for(t.estimated_tokens) > device_total_;
@@ -1187,6 +1205,7 @@ class EngineRun {
       }
     }
     for (auto& w : workers_) w.cancels.clear();
+    check_refusals();
     // A fresh epoch: the engine is empty, ids continue.
     // (index 0 too: a cancel aimed at the epoch's first id may come before any submit)
     for (std::uint64_t n = 0; n < std::max<std::uint64_t>(epoch_used_, 1); ++n) {
@@ -1198,6 +1217,7 @@ class EngineRun {
       sh.submit_end.store(0);
       sh.cancel_start.store(0);
       sh.cancel_end.store(0);
+      sh.queue_full.store(false);
       loop_[n] = LoopRec{};
       table_size_[n] = 0;
     }
@@ -1212,6 +1232,51 @@ class EngineRun {
     next_.store(0);
     producers_active_.store(cfg_.threads - 1);
     return !found_.any();
+  }
+
+  // QueueFull only when the waiting queue can have been full during the
+  // submit (as the scheduler target's check): the queue's len() counts a
+  // schedule from its start and a removal until it returns, so during
+  // refusal R it held at most the accepted submits begun before R ended, plus
+  // the other failed submits in flight during R, less the tasks that had
+  // surely left it before R began: admitted by a step that ended before, or
+  // removed by a cancel that returned true, for a task never admitted, and
+  // ended before (the epoch starts on an empty engine). Judged unless so many
+  // calls can be in flight that something else may be full (README,
+  // Guarantees: max_queue_size + 131 stalled calls).
+  void check_refusals() {
+    const std::size_t limit = engine_.config().scheduler.max_queue_size;
+    if (cfg_.threads >= limit + 131) return;
+    std::vector<std::uint64_t> accepted_start, failed_start, failed_end, removed_end;
+    for (std::uint64_t n = 0; n < epoch_used_; ++n) {
+      const SharedRec& sh = shared_[n];
+      const std::uint8_t sub = sh.submit.load();
+      if (sub == kAccepted) accepted_start.push_back(sh.submit_start.load());
+      if (sub == kRefused) {
+        failed_start.push_back(sh.submit_start.load());
+        failed_end.push_back(sh.submit_end.load());
+      }
+      if (loop_[n].admit_end != 0) {
+        removed_end.push_back(loop_[n].admit_end);
+      } else if (sh.cancel_end.load() != 0) {
+        removed_end.push_back(sh.cancel_end.load());
+      }
+    }
+    for (auto* v : {&accepted_start, &failed_start, &failed_end, &removed_end}) std::sort(v->begin(), v->end());
+    for (std::uint64_t n = 0; n < epoch_used_; ++n) {
+      const SharedRec& sh = shared_[n];
+      if (!sh.queue_full.load()) continue;
+      const std::uint64_t rs = sh.submit_start.load(), re = sh.submit_end.load();
+      const std::int64_t others_in_flight = below(failed_start, re) - below(failed_end, rs) - 1;  // not R itself
+      const std::int64_t most = below(accepted_start, re) + others_in_flight - below(removed_end, rs);
+      ++refusals_judged_;
+      if (most >= static_cast<std::int64_t>(limit)) continue;
+      const TaskId id = base_ + n;
+      fail("queue_full",
+           "submit(" + std::to_string(id) + ")" + at(rs, re) + " reported QueueFull, but the waiting queue held at most " +
+               std::to_string(most) + " < max_queue_size " + std::to_string(limit) + " tasks during it",
+           {id}, {{"submit", id, rs, re}});
+    }
   }
 
   const Config& cfg_;
@@ -1245,6 +1310,7 @@ class EngineRun {
   std::uint64_t scanned_ = 0;           // epoch indices looked at so far
   std::uint64_t run_counter_ = 0;       // admissions and resumptions seen, in plan order
   std::uint64_t victims_judged_ = 0, victims_unjudged_ = 0;  // preemptions whose cause was checked / not (a cancel ran)
+  std::uint64_t refusals_judged_ = 0;                          // QueueFull answers checked (check_refusals)
   alignas(64) std::atomic<std::uint64_t> cancels_started_{0};  // producers' cancel calls begun
   alignas(64) std::atomic<std::uint64_t> cancels_done_{0};     // ... and returned
   std::vector<std::atomic<TaskId>> recent_;  // recently submitted ids, for cancel to aim at
@@ -1259,6 +1325,8 @@ class EngineRun {
 void run_engine_target(const Config& cfg, Report& r) {
   if (cfg.target == Target::BrokenEngine) {
     EngineRun<PlanDroppingEngine>(cfg, r, cfg.drop_every).run();
+  } else if (cfg.target == Target::BrokenEngineFull) {
+    EngineRun<RefusingEngine>(cfg, r, cfg.drop_every).run();
   } else if (cfg.target == Target::BrokenEngineOrder) {
     EngineRun<PriorityBlindEngine>(cfg, r).run();
   } else {

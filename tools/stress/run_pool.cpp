@@ -12,6 +12,9 @@
 //                  blocks whose tag names the caller's group; a failed
 //                  try_allocate leaves its output untouched; every block id is
 //                  in range; ref_count() is at least what the caller holds;
+//   at each pause  from the epoch's logs (x86-64 only, see check_failures()):
+//                  a try_allocate(k) failed only if fewer than k blocks can
+//                  have been free at some moment of the call;
 //   at each pause  ref_count(b) == tag count for every block; free_blocks() ==
 //                  total - blocks held; blocks freed by release() == last
 //                  references dropped; invalid_releases() == 0;
@@ -36,14 +39,17 @@
 // counts and the contents are checked. The over-releasing pool keeps no
 // payload: once it has dropped a holder's reference, that holder's read is
 // unordered in fact, and its fault is to be reported as a count, not as a race.
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <bit>
+#include <iterator>
 #include <limits>
 #include <span>
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <tgi_gtc/scheduling/block_pool.hpp>
@@ -96,14 +102,30 @@ struct Handle {
   std::span<const BlockId> span() const { return {blocks.data(), n}; }
 };
 
+/// Forwards every call to a real BlockPool; the broken pools below replace
+/// the calls they break.
+class PoolWrapper {
+ public:
+  explicit PoolWrapper(std::uint32_t blocks) : pool_(blocks) {}
+  [[nodiscard]] bool try_allocate(std::span<BlockId> out) noexcept { return pool_.try_allocate(out); }
+  void retain(std::span<const BlockId> blocks) noexcept { pool_.retain(blocks); }
+  [[nodiscard]] bool try_retain(std::span<const BlockId> blocks) noexcept { return pool_.try_retain(blocks); }
+  [[nodiscard]] std::size_t release(std::span<const BlockId> blocks) noexcept { return pool_.release(blocks); }
+  std::size_t invalid_releases() const noexcept { return pool_.invalid_releases(); }
+  std::uint32_t total_blocks() const noexcept { return pool_.total_blocks(); }
+  std::uint32_t free_blocks() const noexcept { return pool_.free_blocks(); }
+  std::uint32_t ref_count(BlockId b) const noexcept { return pool_.ref_count(b); }
+
+ protected:
+  BlockPool pool_;
+};
+
 /// A BlockPool that drops one reference too many: every `every`-th release()
 /// whose first block is shared releases that block twice, taking a reference
 /// its other owner still counts on. The checks must catch it.
-class OverReleasingPool {
+class OverReleasingPool : public PoolWrapper {
  public:
-  OverReleasingPool(std::uint32_t blocks, std::uint64_t every) : pool_(blocks), every_(every) {}
-  [[nodiscard]] bool try_allocate(std::span<BlockId> out) noexcept { return pool_.try_allocate(out); }
-  void retain(std::span<const BlockId> blocks) noexcept { pool_.retain(blocks); }
+  OverReleasingPool(std::uint32_t blocks, std::uint64_t every) : PoolWrapper(blocks), every_(every) {}
   [[nodiscard]] std::size_t release(std::span<const BlockId> blocks) noexcept {
     std::size_t n = 0;
     // relaxed: a count; it must not order releases (see the top)
@@ -112,13 +134,8 @@ class OverReleasingPool {
     }
     return n + pool_.release(blocks);
   }
-  std::size_t invalid_releases() const noexcept { return pool_.invalid_releases(); }
-  std::uint32_t total_blocks() const noexcept { return pool_.total_blocks(); }
-  std::uint32_t free_blocks() const noexcept { return pool_.free_blocks(); }
-  std::uint32_t ref_count(BlockId b) const noexcept { return pool_.ref_count(b); }
 
  private:
-  BlockPool pool_;
   std::uint64_t every_;
   std::atomic<std::uint64_t> calls_{0};
 };
@@ -130,16 +147,15 @@ class OverReleasingPool {
 /// grants then waits for blocks that never come. The count checks pass it; the
 /// drain at each pause (every block counted free, taken in one call) hangs on
 /// it, and the watchdog must report the stall.
-class LeakyPool {
+class LeakyPool : public PoolWrapper {
  public:
-  LeakyPool(std::uint32_t blocks, std::uint64_t every) : pool_(blocks), every_(every), leaked_(blocks) {}
+  LeakyPool(std::uint32_t blocks, std::uint64_t every) : PoolWrapper(blocks), every_(every), leaked_(blocks) {}
   [[nodiscard]] bool try_allocate(std::span<BlockId> out) noexcept {
     if (out.size() > free_blocks()) return false;
     // Granted by the counter: wait for the blocks, as a scan for set bits would.
     while (!pool_.try_allocate(out)) std::this_thread::yield();
     return true;
   }
-  void retain(std::span<const BlockId> blocks) noexcept { pool_.retain(blocks); }
   [[nodiscard]] std::size_t release(std::span<const BlockId> blocks) noexcept {
     std::size_t n = 0;
     for (const BlockId id : blocks) {
@@ -155,8 +171,6 @@ class LeakyPool {
     }
     return n;
   }
-  std::size_t invalid_releases() const noexcept { return pool_.invalid_releases(); }
-  std::uint32_t total_blocks() const noexcept { return pool_.total_blocks(); }
   std::uint32_t free_blocks() const noexcept {
     return pool_.free_blocks() + leaked_count_.load(std::memory_order::relaxed);  // relaxed: a snapshot
   }
@@ -165,11 +179,27 @@ class LeakyPool {
   }
 
  private:
-  BlockPool pool_;
   std::uint64_t every_;
   std::atomic<std::uint64_t> frees_{0};
   std::atomic<std::uint32_t> leaked_count_{0};
   std::vector<std::atomic<bool>> leaked_;
+};
+
+/// A BlockPool whose every `every`-th try_allocate fails without looking,
+/// however many blocks are free (as a reserve that gives up on contention
+/// would). Every count stays right; check_failures() must catch it.
+class RefusingPool : public PoolWrapper {
+ public:
+  RefusingPool(std::uint32_t blocks, std::uint64_t every) : PoolWrapper(blocks), every_(every) {}
+  [[nodiscard]] bool try_allocate(std::span<BlockId> out) noexcept {
+    // relaxed: a count of calls; it must not order anything (see the top)
+    if (calls_.fetch_add(1, std::memory_order::relaxed) % every_ == every_ - 1) return false;
+    return pool_.try_allocate(out);
+  }
+
+ private:
+  std::uint64_t every_;
+  std::atomic<std::uint64_t> calls_{0};
 };
 
 /// A pool right in every count and wrong in every order: BlockPool's scheme
@@ -212,6 +242,10 @@ class UnorderedPool {
       while (c != 0 && !counts_[id].compare_exchange_weak(c, c + 1, std::memory_order::relaxed)) {  // relaxed: the fault
       }
     }
+  }
+  [[nodiscard]] bool try_retain(std::span<const BlockId> blocks) noexcept {
+    retain(blocks);  // the harness retains only blocks it holds: never refused
+    return true;
   }
   [[nodiscard]] std::size_t release(std::span<const BlockId> blocks) noexcept {
     std::size_t freed = 0;
@@ -268,6 +302,9 @@ class PoolRun {
       me.spare.reserve(handles_.size());
       for (std::size_t h = 0; h < kHandlesPerThread; ++h) me.spare.push_back(static_cast<std::uint32_t>(w * kHandlesPerThread + h));
       me.next_group = w + 1;
+      // At most max_events operations a thread and epoch (work() pauses then).
+      me.allocs.reserve(cfg.max_events);
+      me.releases.reserve(cfg.max_events);
     }
   }
 
@@ -295,6 +332,7 @@ class PoolRun {
                 {"blocks_freed", freed_total()},
                 {"payload_checks", payload_checks},
                 {"invalid_releases", pool_.invalid_releases()},
+                {"failed_allocations_checked", failures_judged_},
                 {"drains", drains_},
                 {"blocks_drained", blocks_drained_}};
     if (r_.epochs > 1) {
@@ -305,8 +343,21 @@ class PoolRun {
   }
 
  private:
+  // One try_allocate or release of an epoch, for check_failures().
+  struct AllocEvent {
+    std::uint64_t start, end;
+    std::uint32_t k;
+    bool ok;
+  };
+  struct ReleaseEvent {
+    std::uint64_t end;
+    std::uint64_t freed;  // what release() returned
+  };
+
   struct alignas(64) Worker {
     std::vector<std::uint32_t> held, spare;  // handle indices
+    std::vector<AllocEvent> allocs;          // this epoch's, reserved up front
+    std::vector<ReleaseEvent> releases;
     std::mt19937_64 rng;
     OpCounts counts;
     std::uint64_t next_group = 0;
@@ -338,6 +389,7 @@ class PoolRun {
     const bool ok = pool_.try_allocate(out);
     const std::uint64_t t1 = clock_.tick();
     const CallRef call{"try_allocate", group, t0, t1};
+    me.allocs.push_back({t0, t1, static_cast<std::uint32_t>(k), ok});
     if (!ok) {
       for (std::size_t i = 0; i < k; ++i) {
         if (hd.blocks[i] != kPoison) {
@@ -404,18 +456,32 @@ class PoolRun {
     const std::uint32_t src = me.held[me.rng() % me.held.size()];
     const std::uint32_t dst = me.spare.back();
     const Handle& s = handles_[src];
+    // Half the shares through try_retain: it must take every reference, as
+    // retain does, since the caller holds each block.
+    const bool all_or_nothing = me.rng() & 1;
+    const char* op = all_or_nothing ? "try_retain" : "retain";
     const std::uint64_t t0 = clock_.tick();
-    pool_.retain(s.span());
+    bool took = true;
+    if (all_or_nothing) {
+      took = pool_.try_retain(s.span());
+    } else {
+      pool_.retain(s.span());
+    }
     const std::uint64_t t1 = clock_.tick();
-    const CallRef call{"retain", s.group, t0, t1};
+    const CallRef call{op, s.group, t0, t1};
+    if (!took) {
+      fail(make_violation("pool", "try_retain of " + std::to_string(s.n) + " blocks held by owner " + std::to_string(s.group) + at(t0, t1) + " failed",
+                          {}, {{"acquire", s.group, s.start, s.end}, call}));
+      return false;
+    }
     for (std::size_t i = 0; i < s.n; ++i) {
       const BlockId b = s.blocks[i];
-      check_payload(me.payload_checks, b, s, "retain", t0, t1);
+      check_payload(me.payload_checks, b, s, op, t0, t1);
       std::uint64_t cur = tags_[b].load(std::memory_order::relaxed);  // relaxed: as the CAS below
       for (;;) {
         if (group_of(cur) != s.group || count_of(cur) == 0) {
           fail(make_violation("owner",
-                              "block " + std::to_string(b) + " shared by owner " + std::to_string(s.group) + " (retain" + at(t0, t1) +
+                              "block " + std::to_string(b) + " shared by owner " + std::to_string(s.group) + " (" + op + at(t0, t1) +
                                   ") but its tag names owner " + std::to_string(group_of(cur)) + " with " + std::to_string(count_of(cur)) + " reference(s)",
                               {b}, {{"acquire", s.group, s.start, s.end}, call}));
           break;
@@ -425,7 +491,7 @@ class PoolRun {
       }
       // src and the new share are both ours until we release one of them.
       if (const auto c = pool_.ref_count(b); c < 2) {
-        fail(make_violation("refcount", "block " + std::to_string(b) + " has reference count " + std::to_string(c) + " after retain" + at(t0, t1) +
+        fail(make_violation("refcount", "block " + std::to_string(b) + " has reference count " + std::to_string(c) + " after " + op + at(t0, t1) +
                                             " while its owner holds two references",
                             {b}, {call}));
       }
@@ -449,8 +515,10 @@ class PoolRun {
     return true;
   }
 
-  // Drops one reference of each block of handle h (owned by the caller).
-  void release_handle(std::uint32_t h, std::uint64_t& last_refs, std::uint64_t& freed, std::uint64_t& checks) {
+  // Drops one reference of each block of handle h (owned by the caller);
+  // logs the call in `log` (a worker's, during an epoch).
+  void release_handle(std::uint32_t h, std::uint64_t& last_refs, std::uint64_t& freed, std::uint64_t& checks,
+                      std::vector<ReleaseEvent>* log = nullptr) {
     const Handle& hd = handles_[h];
     const std::uint64_t now = clock_.now();
     for (std::size_t i = 0; i < hd.n; ++i) {
@@ -476,6 +544,7 @@ class PoolRun {
     const std::uint64_t t0 = clock_.tick();
     const std::size_t n = pool_.release(hd.span());
     const std::uint64_t t1 = clock_.tick();
+    if (log) log->push_back({t1, n});
     freed += n;
     if (n > hd.n) {
       fail(make_violation("pool", "release of " + std::to_string(hd.n) + " blocks" + at(t0, t1) + " reported " + std::to_string(n) + " freed", {},
@@ -501,7 +570,7 @@ class PoolRun {
     } else {
       return false;
     }
-    release_handle(h, me.last_refs, me.freed, me.payload_checks);
+    release_handle(h, me.last_refs, me.freed, me.payload_checks, &me.releases);
     me.spare.push_back(h);
     return true;
   }
@@ -613,9 +682,61 @@ class PoolRun {
     }
   }
 
+  // try_allocate(k) may fail only when fewer than k blocks are free at the
+  // moment of the call (block_pool.hpp). During failure F, at any moment,
+  // at least this many were free: those free when the epoch began, less the
+  // blocks of successful allocations begun before F ended, plus the blocks
+  // that releases ended before F began reported freed (shares move no
+  // block in or out). Sound where an atomic read-modify-write is a full fence
+  // (x86-64): the stamps are relaxed on purpose (see the top), so elsewhere
+  // nothing keeps the pool's loads between a call's two stamps.
+  void check_failures() {
+#if defined(__x86_64__)
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> taken, freed;  // (stamp, blocks): allocation starts, release ends
+    for (const auto& w : workers_) {
+      for (const AllocEvent& a : w.allocs) {
+        if (a.ok) taken.push_back({a.start, a.k});
+      }
+      for (const ReleaseEvent& r : w.releases) freed.push_back({r.end, r.freed});
+    }
+    // Sorted by stamp, with running sums: the blocks of the events below a stamp.
+    const auto prefix = [](std::vector<std::pair<std::uint64_t, std::uint64_t>>& v) {
+      std::sort(v.begin(), v.end());
+      for (std::size_t i = 1; i < v.size(); ++i) v[i].second += v[i - 1].second;
+    };
+    const auto below = [](const std::vector<std::pair<std::uint64_t, std::uint64_t>>& v, std::uint64_t x) -> std::uint64_t {
+      const auto it = std::lower_bound(v.begin(), v.end(), std::pair<std::uint64_t, std::uint64_t>{x, 0});
+      return it == v.begin() ? 0 : std::prev(it)->second;
+    };
+    prefix(taken);
+    prefix(freed);
+    for (const auto& w : workers_) {
+      for (const AllocEvent& a : w.allocs) {
+        if (a.ok) continue;
+        ++failures_judged_;
+        const std::uint64_t gone = below(taken, a.end), back = below(freed, a.start);
+        if (gone > free_at_epoch_start_ + back || free_at_epoch_start_ + back - gone < a.k) continue;
+        found_.add(make_violation("pool",
+                                  "try_allocate(" + std::to_string(a.k) + ")" + at(a.start, a.end) + " failed, but at least " +
+                                      std::to_string(free_at_epoch_start_ + back - gone) + " blocks were free throughout it (" +
+                                      std::to_string(free_at_epoch_start_) + " free when the epoch began, " + std::to_string(back) +
+                                      " freed by releases ended before it began, " + std::to_string(gone) +
+                                      " taken by allocations begun before it ended)",
+                                  {}, {{"try_allocate", 0, a.start, a.end}}));
+      }
+    }
+#endif
+    for (auto& w : workers_) {
+      w.allocs.clear();
+      w.releases.clear();
+    }
+  }
+
   bool pause() {
+    check_failures();
     check_quiescent("at a pause");
     if (!found_.any()) check_drain("at a pause");
+    free_at_epoch_start_ = pool_.free_blocks();  // exact: every worker is parked
     return !found_.any();
   }
 
@@ -651,6 +772,8 @@ class PoolRun {
   std::vector<Worker> workers_;
   std::uint64_t main_last_refs_ = 0, main_freed_ = 0, main_payload_checks_ = 0;
   std::uint64_t drains_ = 0, blocks_drained_ = 0;  // check_drain's, for the stats
+  std::uint64_t failures_judged_ = 0;              // failed try_allocates check_failures() judged
+  std::uint64_t free_at_epoch_start_ = cfg_.capacity;
   std::vector<BlockId> drain_;       // check_drain's output
   std::vector<std::uint8_t> drained_;  // check_drain: blocks seen
   Watchdog watchdog_;                // the epochs' and check_drain's
@@ -664,6 +787,8 @@ void run_pool_target(const Config& cfg, Report& r) {
     PoolRun<OverReleasingPool>(cfg, r, cfg.drop_every).run();
   } else if (cfg.target == Target::BrokenPoolBits) {
     PoolRun<LeakyPool>(cfg, r, cfg.drop_every).run();
+  } else if (cfg.target == Target::BrokenPoolRefusing) {
+    PoolRun<RefusingPool>(cfg, r, cfg.drop_every).run();
   } else if (cfg.target == Target::BrokenPoolOrder) {
     PoolRun<UnorderedPool>(cfg, r).run();
   } else {

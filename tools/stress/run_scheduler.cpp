@@ -30,11 +30,6 @@ std::string at(std::uint64_t start, std::uint64_t end) {
 
 CallRef ref(const Event& e) { return {HistoryChecker::name(e.op), e.id, e.start, e.end}; }
 
-// How many stamps of the sorted `v` are below `x`.
-std::int64_t below(const std::vector<std::uint64_t>& v, std::uint64_t x) {
-  return static_cast<std::int64_t>(std::lower_bound(v.begin(), v.end(), x) - v.begin());
-}
-
 template <class Q>
 class SchedulerRun {
  public:

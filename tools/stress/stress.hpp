@@ -29,8 +29,10 @@ enum class Target {
   BrokenPool,        ///< a BlockPool that, every drop_every-th release of a shared block, drops a reference too many
   BrokenPoolOrder,   ///< a pool right in every count but with every atomic relaxed (caught under ThreadSanitizer only)
   BrokenPoolBits,    ///< a BlockPool that keeps every drop_every-th freed block, yet counts it free (a bit left set)
+  BrokenPoolRefusing,///< a BlockPool whose every drop_every-th try_allocate fails, however many blocks are free
   BrokenEngine,      ///< an Engine whose plans leave out every drop_every-th preemption (when built)
   BrokenEngineOrder, ///< an Engine that queues and preempts every task as Normal (when built)
+  BrokenEngineFull,  ///< an Engine that reports QueueFull for every task whose id is a multiple of drop_every (when built)
 };
 
 std::string_view to_string(Target t);
