@@ -409,10 +409,23 @@ class SchedulerRun {
     return done;
   }
 
+  // With no call in flight, is_empty() must say what len() does (`when`:
+  // before or after the pause's clear()).
+  void check_is_empty(bool empty, const char* when) {
+    if constexpr (requires { q_.is_empty(); }) {
+      if (q_.is_empty() == empty) return;
+      const std::uint64_t now = clock_.tick();
+      found_.add(make_violation("len", std::string("is_empty() returned ") + (empty ? "false" : "true") + " with no call in flight " + when +
+                                           " the pause's clear(), when the queue held " + (empty ? "no task" : "tasks"),
+                                {}, {{"is_empty", 0, now, now}}));
+    }
+  }
+
   // Every worker is parked: drain, check the epoch's history, start afresh.
   bool pause() {
     drain_log_.clear();
     const std::size_t len_before = q_.len();  // exact: no call in flight
+    check_is_empty(len_before == 0, "before");
     const std::uint64_t t0 = clock_.tick();
     const auto all = q_.clear();
     const std::uint64_t t1 = clock_.tick();
@@ -431,6 +444,7 @@ class SchedulerRun {
       found_.add(make_violation("len", "len() is " + std::to_string(left) + " after clear()" + at(t0, t1) + " emptied the queue", {},
                                 {{"clear", 0, t0, t1}}));
     }
+    check_is_empty(true, "after");
     if (reuse()) {
       check_per_id();
     } else {
