@@ -309,7 +309,7 @@ class HistoryChecker {
       std::vector<const Event*> calls{&e};
       for (std::size_t i = 0; i < chain.size(); ++i) {
         calls.push_back(chain[i]->sched);
-        if (i + 1 < chain.size()) calls.push_back(chain[i]->removal);  // left before the next one's schedule ended
+        if (i + 1 < chain.size()) calls.push_back(chain[i]->removal);  // began before `beyond`: it exists
       }
       return calls;
     };

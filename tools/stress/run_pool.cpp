@@ -12,7 +12,7 @@
 //                  blocks whose tag names the caller's group; a failed
 //                  try_allocate leaves its output untouched; every block id is
 //                  in range; ref_count() is at least what the caller holds;
-//   at each pause  from the epoch's logs (x86-64 only, see check_failures()):
+//   at each pause  from the epoch's logs (x86 only, see check_failures()):
 //                  a try_allocate(k) failed only if fewer than k blocks can
 //                  have been free at some moment of the call;
 //   at each pause  ref_count(b) == tag count for every block; free_blocks() ==
@@ -55,6 +55,13 @@
 #include <tgi_gtc/scheduling/block_pool.hpp>
 
 #include "driver.hpp"
+
+// check_failures() needs every atomic read-modify-write to be a full fence.
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)
+#define TGI_STRESS_JUDGES_FAILED_ALLOCATIONS 1
+#else
+#define TGI_STRESS_JUDGES_FAILED_ALLOCATIONS 0
+#endif
 
 namespace tgi_gtc::stress::detail {
 namespace {
@@ -386,7 +393,9 @@ class PoolRun {
     const std::span<BlockId> out(hd.blocks.data(), k);
     const std::uint64_t group = me.next_group;
     const std::uint64_t t0 = clock_.tick();
+    std::atomic_signal_fence(std::memory_order::seq_cst);  // see check_failures(): the compiler keeps the call between its stamps
     const bool ok = pool_.try_allocate(out);
+    std::atomic_signal_fence(std::memory_order::seq_cst);  // as above
     const std::uint64_t t1 = clock_.tick();
     const CallRef call{"try_allocate", group, t0, t1};
     me.allocs.push_back({t0, t1, static_cast<std::uint32_t>(k), ok});
@@ -542,7 +551,9 @@ class PoolRun {
       }
     }
     const std::uint64_t t0 = clock_.tick();
+    std::atomic_signal_fence(std::memory_order::seq_cst);  // see check_failures(): the compiler keeps the call between its stamps
     const std::size_t n = pool_.release(hd.span());
+    std::atomic_signal_fence(std::memory_order::seq_cst);  // as above
     const std::uint64_t t1 = clock_.tick();
     if (log) log->push_back({t1, n});
     freed += n;
@@ -688,10 +699,13 @@ class PoolRun {
   // blocks of successful allocations begun before F ended, plus the blocks
   // that releases ended before F began reported freed (shares move no
   // block in or out). Sound where an atomic read-modify-write is a full fence
-  // (x86-64): the stamps are relaxed on purpose (see the top), so elsewhere
-  // nothing keeps the pool's loads between a call's two stamps.
+  // (x86): the stamps are relaxed on purpose (see the top), so elsewhere
+  // nothing keeps the pool's loads between a call's two stamps in the
+  // hardware. The signal fences around the calls keep them there in the
+  // compiler (which may otherwise move relaxed accesses of an inlined pool
+  // across the relaxed stamps); they order nothing between threads.
   void check_failures() {
-#if defined(__x86_64__)
+#if TGI_STRESS_JUDGES_FAILED_ALLOCATIONS
     std::vector<std::pair<std::uint64_t, std::uint64_t>> taken, freed;  // (stamp, blocks): allocation starts, release ends
     for (const auto& w : workers_) {
       for (const AllocEvent& a : w.allocs) {
