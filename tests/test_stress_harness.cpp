@@ -48,6 +48,27 @@ std::string describe(const st::Report& r) {
   return s.str();
 }
 
+#if TGI_STRESS_HAS_ENGINE  // as the tests that use it
+// A target that refuses every task whose id is a multiple of 50 with
+// QueueFull: the refusal is the only violation, naming the call (`op`).
+void check_spurious_refusals(st::Target target, std::uint64_t ops, const char* op) {
+  const auto seed = tgi_test::seed();
+  MESSAGE("seed=" << seed);
+  auto c = config(target, 4, ops, seed);
+  c.drop_every = 50;
+  const auto r = st::run(c);
+  INFO(describe(r));
+  REQUIRE(count_of(r, "queue_full") > 0);
+  CHECK(r.violation_counts.size() == 1);  // nothing else is wrong
+  const st::Violation& v = *first_of(r, "queue_full");
+  REQUIRE(v.ids.size() == 1);
+  CHECK(v.ids[0] % 50 == 0);
+  REQUIRE(v.calls.size() == 1);
+  CHECK(v.calls[0].op == op);
+  CHECK(v.calls[0].id == v.ids[0]);
+}
+#endif
+
 }  // namespace
 
 TEST_CASE("broken-dropping: every lost task is reported by id, the first with the call that accepted it") {
@@ -188,20 +209,7 @@ TEST_CASE("broken-duplicates: a second copy of a queued id is reported as duplic
 
 #if TGI_STRESS_HAS_ENGINE
 TEST_CASE("broken-full: QueueFull from a queue far from full is reported, naming the schedule") {
-  const auto seed = tgi_test::seed();
-  MESSAGE("seed=" << seed);
-  auto c = config(st::Target::BrokenFull, 4, 4000, seed);
-  c.drop_every = 50;
-  const auto r = st::run(c);
-  INFO(describe(r));
-  REQUIRE(count_of(r, "queue_full") > 0);
-  CHECK(r.violation_counts.size() == 1);  // nothing else is wrong
-  const st::Violation& v = *first_of(r, "queue_full");
-  REQUIRE(v.ids.size() == 1);
-  CHECK(v.ids[0] % 50 == 0);
-  REQUIRE(v.calls.size() == 1);
-  CHECK(v.calls[0].op == "schedule");
-  CHECK(v.calls[0].id == v.ids[0]);
+  check_spurious_refusals(st::Target::BrokenFull, 4000, "schedule");
 }
 
 TEST_CASE("broken-clear: a clear out of next()'s order is reported") {
@@ -280,20 +288,7 @@ TEST_CASE("broken-engine-order: an engine blind to priorities is reported as ord
 }
 
 TEST_CASE("broken-engine-full: QueueFull from an engine whose waiting queue was far from full is reported, naming the submit") {
-  const auto seed = tgi_test::seed();
-  MESSAGE("seed=" << seed);
-  auto c = config(st::Target::BrokenEngineFull, 4, 20000, seed);
-  c.drop_every = 50;
-  const auto r = st::run(c);
-  INFO(describe(r));
-  REQUIRE(count_of(r, "queue_full") > 0);
-  CHECK(r.violation_counts.size() == 1);  // nothing else is wrong
-  const st::Violation& v = *first_of(r, "queue_full");
-  REQUIRE(v.ids.size() == 1);
-  CHECK(v.ids[0] % 50 == 0);
-  REQUIRE(v.calls.size() == 1);
-  CHECK(v.calls[0].op == "submit");
-  CHECK(v.calls[0].id == v.ids[0]);
+  check_spurious_refusals(st::Target::BrokenEngineFull, 20000, "submit");
 }
 
 TEST_CASE("broken-engine-order in FIFO mode, where priorities do not count, passes") {

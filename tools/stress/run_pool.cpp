@@ -718,7 +718,7 @@ class PoolRun {
       std::sort(v.begin(), v.end());
       for (std::size_t i = 1; i < v.size(); ++i) v[i].second += v[i - 1].second;
     };
-    const auto below = [](const std::vector<std::pair<std::uint64_t, std::uint64_t>>& v, std::uint64_t x) -> std::uint64_t {
+    const auto blocks_below = [](const std::vector<std::pair<std::uint64_t, std::uint64_t>>& v, std::uint64_t x) -> std::uint64_t {
       const auto it = std::lower_bound(v.begin(), v.end(), std::pair<std::uint64_t, std::uint64_t>{x, 0});
       return it == v.begin() ? 0 : std::prev(it)->second;
     };
@@ -728,7 +728,7 @@ class PoolRun {
       for (const AllocEvent& a : w.allocs) {
         if (a.ok) continue;
         ++failures_judged_;
-        const std::uint64_t gone = below(taken, a.end), back = below(freed, a.start);
+        const std::uint64_t gone = blocks_below(taken, a.end), back = blocks_below(freed, a.start);
         if (gone > free_at_epoch_start_ + back || free_at_epoch_start_ + back - gone < a.k) continue;
         found_.add(make_violation("pool",
                                   "try_allocate(" + std::to_string(a.k) + ")" + at(a.start, a.end) + " failed, but at least " +
