@@ -48,7 +48,6 @@ std::string describe(const st::Report& r) {
   return s.str();
 }
 
-#if TGI_STRESS_HAS_ENGINE  // as the tests that use it
 // A target that refuses every task whose id is a multiple of 50 with
 // QueueFull: the refusal is the only violation, naming the call (`op`).
 void check_spurious_refusals(st::Target target, std::uint64_t ops, const char* op) {
@@ -67,7 +66,29 @@ void check_spurious_refusals(st::Target target, std::uint64_t ops, const char* o
   CHECK(v.calls[0].op == op);
   CHECK(v.calls[0].id == v.ids[0]);
 }
-#endif
+
+// A len() that is exact with no call in flight but leaves the bounds that the
+// calls around it set: the pause's check passes it, the stamped calls do not.
+void check_len_in_flight(st::Target target, const char* says) {
+  const auto seed = tgi_test::seed();
+  MESSAGE("seed=" << seed);
+  auto c = config(target, 4, 20000, seed);
+  c.len_every = 0;
+  const auto unstamped = st::run(c);
+  INFO(describe(unstamped));
+  CHECK(unstamped.ok());
+  c.len_every = 4;
+  const auto r = st::run(c);
+  INFO(describe(r));
+  REQUIRE(count_of(r, "len") > 0);
+  CHECK(r.violation_counts.size() == 1);  // nothing else is wrong
+  CHECK(r.stat("len_calls_checked") > 0);
+  const st::Violation& v = *first_of(r, "len");
+  CHECK(v.detail.find(says) != std::string::npos);
+  REQUIRE(v.calls.size() == 1);
+  CHECK(v.calls[0].op == "len");
+  CHECK(v.calls[0].start < v.calls[0].end);
+}
 
 }  // namespace
 
@@ -207,7 +228,6 @@ TEST_CASE("broken-duplicates: a second copy of a queued id is reported as duplic
   CHECK(v->calls[0].op == "schedule");
 }
 
-#if TGI_STRESS_HAS_ENGINE
 TEST_CASE("broken-full: QueueFull from a queue far from full is reported, naming the schedule") {
   check_spurious_refusals(st::Target::BrokenFull, 4000, "schedule");
 }
@@ -229,10 +249,21 @@ TEST_CASE("broken-len: a len() that disagrees with the tasks queued is reported 
   MESSAGE("seed=" << seed);
   auto c = config(st::Target::BrokenLen, 4, 20000, seed);
   c.mix = st::parse_mix(c.target, "schedule=50,next=30,peek=10,cancel=10");  // a backlog at the end
+  c.len_every = 0;  // no stamped len(): the pause's exact check alone must see it
   const auto r = st::run(c);
   INFO(describe(r));
   REQUIRE(count_of(r, "len") > 0);
   CHECK(r.violation_counts.size() == 1);
+  CHECK(r.stat("len_calls_checked") == 0);
+  CHECK(first_of(r, "len")->detail.find("with no call in flight") != std::string::npos);
+}
+
+TEST_CASE("broken-len-dip: a len() below the tasks queued throughout it is reported, naming the call") {
+  check_len_in_flight(st::Target::BrokenLenDip, "queued throughout it");
+}
+
+TEST_CASE("broken-len-early: a len() above what the calls begun can have counted is reported, naming the call") {
+  check_len_in_flight(st::Target::BrokenLenEarly, "can have been counted during it");
 }
 
 TEST_CASE("broken-empty: next() or peek() answering nothing while tasks are queued is reported, with reused ids too") {
@@ -261,6 +292,7 @@ TEST_CASE("broken-empty: next() or peek() answering nothing while tasks are queu
   CHECK((w.calls[0].op == "next" || w.calls[0].op == "peek"));
 }
 
+#if TGI_STRESS_HAS_ENGINE
 TEST_CASE("broken-engine: a preemption left out of the plan is reported") {
   const auto seed = tgi_test::seed();
   MESSAGE("seed=" << seed);
@@ -309,6 +341,7 @@ TEST_CASE("the real targets pass the runs that fail the broken ones" * doctest::
     INFO(describe(r));
     CHECK(r.ok());
     CHECK(r.stat("tasks_accepted") > 0);
+    CHECK(r.stat("len_calls_checked") > 0);  // stamped len() and is_empty() calls, judged
   }
   {
     auto c = config(st::Target::Scheduler, 8, 20000 * scale, seed);

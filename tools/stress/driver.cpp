@@ -27,6 +27,8 @@ constexpr TargetName kTargets[] = {
     {Target::BrokenFull, "broken-full"},
     {Target::BrokenClear, "broken-clear"},
     {Target::BrokenLen, "broken-len"},
+    {Target::BrokenLenDip, "broken-len-dip"},
+    {Target::BrokenLenEarly, "broken-len-early"},
     {Target::BrokenEmpty, "broken-empty"},
     {Target::BrokenPool, "broken-pool"},
     {Target::BrokenPoolOrder, "broken-pool-order"},
@@ -38,10 +40,7 @@ constexpr TargetName kTargets[] = {
 };
 }  // namespace
 
-namespace {
-// The targets driven by the scheduler run: those whose ops are the Scheduler's.
 bool is_scheduler_target(Target t) { return default_mix(t).front().first == "schedule"; }
-}  // namespace
 
 std::string_view to_string(Target t) {
   for (const auto& n : kTargets) {
@@ -68,6 +67,8 @@ std::vector<Target> available_targets() {
   out.push_back(Target::BrokenFull);
   out.push_back(Target::BrokenClear);
   out.push_back(Target::BrokenLen);
+  out.push_back(Target::BrokenLenDip);
+  out.push_back(Target::BrokenLenEarly);
   out.push_back(Target::BrokenEmpty);
   out.push_back(Target::BrokenPool);
   out.push_back(Target::BrokenPoolOrder);
@@ -90,6 +91,8 @@ Mix default_mix(Target t) {
     case Target::BrokenFull:
     case Target::BrokenClear:
     case Target::BrokenLen:
+    case Target::BrokenLenDip:
+    case Target::BrokenLenEarly:
     case Target::BrokenEmpty:
       return {{"schedule", 40}, {"next", 30}, {"peek", 10}, {"cancel", 15}, {"clear", 1}};
     case Target::Pool:
@@ -170,6 +173,8 @@ Report run(Config config) {
     case Target::BrokenFull:
     case Target::BrokenClear:
     case Target::BrokenLen:
+    case Target::BrokenLenDip:
+    case Target::BrokenLenEarly:
     case Target::BrokenEmpty:
       if (config.capacity == 0) config.capacity = 1024;
       r.config = config;

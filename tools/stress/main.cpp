@@ -56,6 +56,10 @@ int main(int argc, char** argv) {
                  "scheduler targets: schedule and cancel only the ids 1..N, reused at once by every thread (cancels meet "
                  "schedules of their id in flight); checks per-id conservation instead of ordering; 0: off")
       ->capture_default_str();
+  app.add_option("--len-every", cfg.len_every,
+                 "scheduler targets: after every N-th operation of a thread, call len() (or, on the Scheduler, is_empty() every "
+                 "other time) between two clock ticks and judge it against the calls in flight around it; 0: never")
+      ->capture_default_str();
   auto* seed_opt = app.add_option("--seed", seed, "random seed (default: a fresh one, printed)");
   app.add_option("--json", json_path, "also write the summary as JSON to this file");
   app.add_option("--max-events", cfg.max_events, "events (ops) per thread between checking pauses; bounds memory (~100 B/event/thread)")

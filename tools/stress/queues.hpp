@@ -8,8 +8,10 @@
 // tasks (broken-dropping), never reports DuplicateId (broken-duplicates),
 // refuses some schedules of a queue far from full (broken-full), clears in the
 // reverse of next()'s order (broken-clear), reports half its length
-// (broken-len), or answers some next() and peek() calls with nothing while
-// tasks are queued (broken-empty).
+// (broken-len), lets len() dip while a cancel() looks for an id that is not
+// queued (broken-len-dip) or count a task from its next_id() on, before its
+// schedule() begins (broken-len-early), or answers some next() and peek()
+// calls with nothing while tasks are queued (broken-empty).
 #pragma once
 
 #include <algorithm>
@@ -20,6 +22,7 @@
 #include <mutex>
 #include <optional>
 #include <system_error>
+#include <thread>
 #include <vector>
 
 #include <tgi_gtc/scheduling/scheduler.hpp>
@@ -103,6 +106,16 @@ class DroppingQueue {
     bool clear_reversed = false;
     /// len() reports half the tasks queued.
     bool half_len = false;
+    /// cancel() takes one off the count len() reports before it looks for
+    /// the id (yielding its core, as a slow caller would, before it takes the
+    /// lock), and puts it back once it has found the id not queued: an
+    /// optimistic decrement. Exact with no call in flight.
+    bool dip_in_cancel = false;
+    /// next_id() adds one to the count len() reports (then yields its core),
+    /// and the schedule() of that id takes it off again: a task counted from
+    /// the id that names it, before its schedule() begins. Exact with no
+    /// call in flight.
+    bool count_from_next_id = false;
     /// next() and peek() report nothing on every this-th call (0: never),
     /// whatever is queued.
     std::uint64_t blind_every = 0;
@@ -111,10 +124,19 @@ class DroppingQueue {
   DroppingQueue(std::size_t capacity, bool priority_mode, const Faults& faults)
       : capacity_(capacity), classes_(priority_mode ? scheduling::kPriorityCount : 1), faults_(faults) {}
 
-  TaskId next_id() noexcept { return ids_.fetch_add(1) + 1; }
+  TaskId next_id() noexcept {
+    if (faults_.count_from_next_id) {
+      skew_.fetch_add(1);
+      std::this_thread::yield();
+    }
+    return ids_.fetch_add(1) + 1;
+  }
 
   std::error_code schedule(unsigned, const ScheduledTask& t) {
     std::lock_guard lock(mutex_);
+    // Accepted or not, size_ counts it from here (an id next_id() did not
+    // hand out, as with --reuse-ids, was never counted).
+    if (faults_.count_from_next_id && t.id <= ids_.load()) skew_.fetch_sub(1);
     if (size_ >= capacity_) return ScheduleError::QueueFull;
     if (faults_.refuse_every != 0 && t.id % faults_.refuse_every == 0) return ScheduleError::QueueFull;
     if (faults_.check_duplicates) {
@@ -154,7 +176,12 @@ class DroppingQueue {
     return std::nullopt;
   }
   std::optional<ScheduledTask> cancel(unsigned, TaskId id) {
+    if (faults_.dip_in_cancel) {
+      skew_.fetch_sub(1);
+      std::this_thread::yield();
+    }
     std::lock_guard lock(mutex_);
+    if (faults_.dip_in_cancel) skew_.fetch_add(1);  // found or not, size_ says it from here
     for (auto& q : queues_) {
       for (auto it = q.begin(); it != q.end(); ++it) {
         if (it->id == id) {
@@ -180,7 +207,8 @@ class DroppingQueue {
   }
   std::size_t len() const {
     std::lock_guard lock(mutex_);
-    return faults_.half_len ? size_ / 2 : size_;
+    const std::int64_t n = static_cast<std::int64_t>(faults_.half_len ? size_ / 2 : size_) + skew_.load();
+    return n > 0 ? static_cast<std::size_t>(n) : 0;
   }
   std::uint64_t dropped() const {
     std::lock_guard lock(mutex_);
@@ -200,6 +228,7 @@ class DroppingQueue {
   std::size_t size_ = 0;
   std::uint64_t dropped_ = 0;
   std::uint64_t lookups_ = 0;  // next() and peek() calls, for blind_every
+  std::atomic<std::int64_t> skew_{0};  // dip_in_cancel, count_from_next_id: what len() adds to size_
   std::atomic<TaskId> ids_{0};
 };
 

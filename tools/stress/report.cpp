@@ -59,6 +59,7 @@ void print_summary(std::ostream& os, const Report& r) {
   if (c.target != Target::Pool && c.target != Target::BrokenPool && c.target != Target::BrokenPoolOrder &&
       c.target != Target::BrokenPoolBits && c.target != Target::BrokenPoolRefusing) os << ", " << (c.fifo ? "FIFO mode" : "priority mode");
   if (c.reuse_ids != 0) os << ", ids 1.." << c.reuse_ids << " reused";
+  if (is_scheduler_target(c.target)) os << ", len-every " << c.len_every;
   os << ", mix " << mix_text(c.mix) << ", " << (c.seconds > 0 ? fmt("%.3g s", c.seconds) : std::to_string(c.ops) + " ops")
      << ", max-events " << c.max_events << "/thread";
   if (c.target == Target::BrokenDropping || c.target == Target::BrokenFull || c.target == Target::BrokenPool || c.target == Target::BrokenEngine ||
@@ -118,7 +119,7 @@ void write_json(std::ostream& os, const Report& r) {
   json_string(os, std::string(to_string(c.target)));
   os << ",\n  \"seed\": " << c.seed << ",\n  \"config\": {\"threads\": " << c.threads << ", \"seconds\": " << json_number(c.seconds)
      << ", \"ops\": " << (c.seconds > 0 ? 0 : c.ops) << ", \"capacity\": " << c.capacity << ", \"fifo\": " << (c.fifo ? "true" : "false") << ", \"reuse_ids\": " << c.reuse_ids
-     << ", \"max_events\": " << c.max_events << ", \"drop_every\": " << c.drop_every << ", \"mix\": {";
+     << ", \"len_every\": " << c.len_every << ", \"max_events\": " << c.max_events << ", \"drop_every\": " << c.drop_every << ", \"mix\": {";
   for (std::size_t i = 0; i < c.mix.size(); ++i) {
     os << (i ? ", " : "");
     json_string(os, c.mix[i].first);

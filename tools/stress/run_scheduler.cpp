@@ -2,11 +2,13 @@
 // every call is stamped with the shared logical clock (support/history.hpp)
 // into the calling thread's preallocated log. While running, each returned
 // task's payload is checked against its id, len() against the capacity, and
-// cancel's result against the id asked for. When a log fills (or the run
+// cancel's result against the id asked for; every --len-every-th operation is
+// followed by a stamped len() or is_empty(). When a log fills (or the run
 // ends), every thread stops at a barrier, the main thread drains the queue
 // with clear() (len() must equal what it returns) and checks the whole epoch's
-// history and every QueueFull answer against the calls around it, then the
-// logs are emptied and the next epoch starts on the empty queue.
+// history, and every QueueFull answer and stamped len() against the calls
+// around it, then the logs are emptied and the next epoch starts on the empty
+// queue.
 #include <algorithm>
 #include <stdexcept>
 #include <string>
@@ -28,6 +30,8 @@ std::string at(std::uint64_t start, std::uint64_t end) {
   return " [" + std::to_string(start) + "," + std::to_string(end) + "]";
 }
 
+std::string tasks(std::int64_t n) { return std::to_string(n) + (n == 1 ? " task" : " tasks"); }
+
 CallRef ref(const Event& e) { return {HistoryChecker::name(e.op), e.id, e.start, e.end}; }
 
 template <class Q>
@@ -41,6 +45,8 @@ class SchedulerRun {
       workers_[w].log.reserve(cfg.max_events + cfg.capacity + 1);
       if (reuse()) workers_[w].duplicates.reserve(cfg.max_events);
       workers_[w].refusals.reserve(cfg.max_events);
+      // An epoch's operations: at most max_events (each logs an event).
+      if (cfg.len_every != 0) workers_[w].lens.reserve(cfg.max_events / cfg.len_every + 1);
       workers_[w].rng = thread_rng(cfg.seed, w);
       workers_[w].counts = OpCounts(cfg.mix.size());
     }
@@ -69,7 +75,8 @@ class SchedulerRun {
                 {"queue_full", full},
                 {"max_len", max_len},
                 {"capacity", cfg_.capacity},
-                {"drained_at_pauses", drained_}};
+                {"drained_at_pauses", drained_},
+                {"len_calls_checked", len_calls_checked_}};
     if (q_.dropped()) r_.stats.emplace_back("dropped_by_target", q_.dropped());
     if (reuse()) r_.stats.emplace_back("duplicate_id_answers_checked", duplicate_answers_);
     if (reuse()) r_.stats.emplace_back("empty_answers_checked", empty_answers_);
@@ -88,6 +95,15 @@ class SchedulerRun {
 
  private:
   static constexpr std::size_t kRecent = 256;
+  static constexpr bool kHasIsEmpty = requires(const Q& q) { q.is_empty(); };
+
+  // A len() (value: what it returned) or is_empty() (value: 0 for true, 1
+  // for false) call between two ticks of the clock.
+  struct LenCall {
+    std::uint64_t start, end;
+    std::size_t value;
+    bool is_empty;
+  };
 
   struct alignas(64) Worker {
     ThreadLog log;
@@ -97,6 +113,30 @@ class SchedulerRun {
     std::uint64_t full = 0;
     ThreadLog duplicates;  // --reuse-ids: the schedule calls that returned DuplicateId
     ThreadLog refusals;    // the schedule calls that returned QueueFull
+    std::vector<LenCall> lens;  // the stamped len() and is_empty() calls
+    std::size_t since_len = 0;  // operations since the last stamped one
+  };
+
+  // The epoch's calls that change len(), as sorted clock stamps (the epoch
+  // starts on an empty queue). len() counts a task from the start of its
+  // schedule (to the end, if that fails) until its removal returns (README,
+  // Guarantees).
+  struct Stamps {
+    std::vector<std::uint64_t> accepted_start, accepted_end, failed_start, failed_end, removed_start, removed_end;
+    bool balanced() const { return accepted_start.size() == removed_start.size(); }
+    // What len() can have been at any instant of [start, end]. At least: the
+    // schedules accepted before it began, less the removals (one per task
+    // returned by next, cancel or clear) that began before it ended (they may
+    // have taken tasks scheduled later; subtracting them anyway only lowers
+    // the bound). At most: the accepted schedules begun before it ended, plus
+    // the failed ones in flight during it, less the removals that ended
+    // before it began. `in_flight_self`: the interval is itself a failed
+    // schedule, not to be counted.
+    std::int64_t least(std::uint64_t start, std::uint64_t end) const { return below(accepted_end, start) - below(removed_start, end); }
+    std::int64_t most(std::uint64_t start, std::uint64_t end, bool in_flight_self = false) const {
+      const std::int64_t failed_in_flight = below(failed_start, end) - below(failed_end, start) - (in_flight_self ? 1 : 0);
+      return below(accepted_start, end) + failed_in_flight - below(removed_end, start);
+    }
   };
 
   bool reuse() const { return cfg_.reuse_ids != 0; }
@@ -104,7 +144,7 @@ class SchedulerRun {
 
   // --reuse-ids: with every worker parked and the queue drained, each id must
   // have left exactly as often as it was accepted in this epoch.
-  void check_per_id() {
+  void check_per_id(const Stamps& stamps) {
     std::vector<std::uint64_t> accepted(cfg_.reuse_ids + 1, 0), removed(cfg_.reuse_ids + 1, 0);
     std::vector<const Event*> last(cfg_.reuse_ids + 1, nullptr);
     auto count = [&](const ThreadLog& log) {
@@ -137,7 +177,7 @@ class SchedulerRun {
     // A lost task would count as queued for the rest of the epoch and make
     // every later empty answer look wrong: an epoch that does not balance is
     // reported as conservation only.
-    if (balanced) check_empty_by_count();
+    if (balanced) check_empty_by_count(stamps);
   }
 
   // --reuse-ids: the empty rule without task identities (the epoch starts on
@@ -147,19 +187,15 @@ class SchedulerRun {
   // clear, one per task returned) by calls that began before it ended. Those
   // removals may have taken tasks scheduled later; subtracting them anyway
   // only makes the count smaller, so a positive count is a certain finding.
-  void check_empty_by_count() {
-    std::vector<std::uint64_t> acc_end, rem_start;
+  void check_empty_by_count(const Stamps& stamps) {
     std::vector<const Event*> empties;
     const auto gather = [&](const ThreadLog& log) {
       for (std::size_t i = 0; i < log.size(); ++i) {
         const Event& e = log[i];
-        if (e.op == Op::Schedule) {
-          if (e.ok) acc_end.push_back(e.end);
-        } else if (e.ok && e.op != Op::Peek) {
-          rem_start.push_back(e.start);
-        } else if (e.op == Op::Next || e.op == Op::Peek) {
-          if (!e.ok) empties.push_back(&e);
-        } else if (e.op == Op::Clear && !e.ok) {
+        if (e.ok) continue;
+        if (e.op == Op::Next || e.op == Op::Peek) {
+          empties.push_back(&e);
+        } else if (e.op == Op::Clear) {
           // A clear's marker; the tasks it returned follow it in the log.
           const bool returned = i + 1 < log.size() && log[i + 1].op == Op::Clear && log[i + 1].ok && log[i + 1].start == e.start;
           if (!returned) empties.push_back(&e);
@@ -168,16 +204,14 @@ class SchedulerRun {
     };
     for (const auto& w : workers_) gather(w.log);
     gather(drain_log_);
-    std::sort(acc_end.begin(), acc_end.end());
-    std::sort(rem_start.begin(), rem_start.end());
     empty_answers_ += empties.size();
     for (const Event* e : empties) {
-      const std::int64_t accepted = below(acc_end, e->start), removing = below(rem_start, e->end);
-      if (accepted <= removing) continue;
+      if (stamps.least(e->start, e->end) <= 0) continue;
       found_.add(make_violation("empty",
                                 HistoryChecker::name(e->op) + at(e->start, e->end) + " found nothing, but a task was queued throughout: " +
-                                    std::to_string(accepted) + " schedules were accepted before it began, and calls that began before it ended removed only " +
-                                    std::to_string(removing) + " tasks",
+                                    std::to_string(below(stamps.accepted_end, e->start)) +
+                                    " schedules were accepted before it began, and calls that began before it ended removed only " +
+                                    std::to_string(below(stamps.removed_start, e->end)) + " tasks",
                                 {}, {ref(*e)}));
     }
   }
@@ -251,39 +285,75 @@ class SchedulerRun {
   // + 131 stalled calls).
   bool refusals_checked() const { return cfg_.threads < cfg_.capacity + 131; }
 
-  // QueueFull only when len() can have reached the capacity during the call.
-  // len() counts a schedule from its start and a removal until it returns, so
-  // during refusal R it is at most: accepted schedules begun before R ended,
-  // plus other failed schedules in flight during R, less removals ended
-  // before R began (the epoch starts on an empty queue).
-  void check_refusals() {
-    std::vector<std::uint64_t> accepted_start, failed_start, failed_end, removed_end;
+  Stamps stamps() const {
+    Stamps s;
     const auto gather = [&](const ThreadLog& log) {
       for (const Event& e : log) {
         if (e.op == Op::Schedule) {
           if (e.ok) {
-            accepted_start.push_back(e.start);
+            s.accepted_start.push_back(e.start);
+            s.accepted_end.push_back(e.end);
           } else {
-            failed_start.push_back(e.start);
-            failed_end.push_back(e.end);
+            s.failed_start.push_back(e.start);
+            s.failed_end.push_back(e.end);
           }
         } else if (e.ok && e.op != Op::Peek) {
-          removed_end.push_back(e.end);
+          s.removed_start.push_back(e.start);
+          s.removed_end.push_back(e.end);
         }
       }
     };
     for (const auto& w : workers_) gather(w.log);
     gather(drain_log_);
-    for (auto* v : {&accepted_start, &failed_start, &failed_end, &removed_end}) std::sort(v->begin(), v->end());
+    for (auto* v : {&s.accepted_start, &s.accepted_end, &s.failed_start, &s.failed_end, &s.removed_start, &s.removed_end}) {
+      std::sort(v->begin(), v->end());
+    }
+    return s;
+  }
+
+  // QueueFull only when len() can have reached the capacity during the call.
+  void check_refusals(const Stamps& s) {
     for (const auto& w : workers_) {
       for (const Event& r : w.refusals) {
-        const std::int64_t others_in_flight = below(failed_start, r.end) - below(failed_end, r.start) - 1;  // not r itself
-        const std::int64_t most = below(accepted_start, r.end) + others_in_flight - below(removed_end, r.start);
+        const std::int64_t most = s.most(r.start, r.end, true);
         if (most >= static_cast<std::int64_t>(cfg_.capacity)) continue;
         found_.add(make_violation("queue_full", "schedule(" + std::to_string(r.id) + ")" + at(r.start, r.end) +
                                                     " reported QueueFull, but len() was at most " + std::to_string(most) +
                                                     " < capacity " + std::to_string(cfg_.capacity) + " during it",
                                   {r.id}, {ref(r)}));
+      }
+    }
+  }
+
+  // Each stamped len() within what it can have been during the call, and each
+  // is_empty() true only if no task was surely queued throughout it, false
+  // only if some task can have been counted. An epoch in which the accepted
+  // schedules and the removals do not balance is left to the conservation
+  // check: a lost task would raise every later lower bound.
+  void check_lens(const Stamps& s) {
+    if (!s.balanced()) return;
+    for (const auto& w : workers_) {
+      len_calls_checked_ += w.lens.size();
+      for (const LenCall& c : w.lens) {
+        const std::int64_t least = s.least(c.start, c.end), most = s.most(c.start, c.end);
+        const auto value = static_cast<std::int64_t>(c.value);
+        const std::string call = (c.is_empty ? "is_empty()" : "len()") + at(c.start, c.end);
+        std::string detail;
+        if (c.is_empty ? c.value == 0 && least > 0 : value < least) {
+          detail = call + " returned " + (c.is_empty ? std::string("true") : std::to_string(c.value)) + ", but " + tasks(least) +
+                   (least == 1 ? " was" : " were") + " queued throughout it: " + std::to_string(below(s.accepted_end, c.start)) +
+                   " schedules were accepted before it began, and calls that began before it ended removed " +
+                   tasks(below(s.removed_start, c.end));
+        } else if (c.is_empty ? c.value != 0 && most <= 0 : value > most) {
+          detail = call + " returned " + (c.is_empty ? std::string("false") : std::to_string(c.value)) + ", but at most " + tasks(most) +
+                   " can have been counted during it: " + std::to_string(below(s.accepted_start, c.end)) + " accepted and " +
+                   std::to_string(below(s.failed_start, c.end) - below(s.failed_end, c.start)) +
+                   " failed schedules began before it ended (the failed ones ending after it began), and calls that ended before it began removed " +
+                   tasks(below(s.removed_end, c.start));
+        } else {
+          continue;
+        }
+        found_.add(make_violation("len", std::move(detail), {}, {{c.is_empty ? "is_empty" : "len", 0, c.start, c.end}}));
       }
     }
   }
@@ -395,6 +465,10 @@ class SchedulerRun {
         }
       }
       me.counts.add(op, ok);
+      if (cfg_.len_every != 0 && ++me.since_len == cfg_.len_every) {
+        me.since_len = 0;
+        stamped_len(me);
+      }
       const std::size_t n = q_.len();
       if (n > cfg_.capacity) {
         const std::uint64_t now = clock_.now();
@@ -409,10 +483,25 @@ class SchedulerRun {
     return done;
   }
 
+  // A len() or, every other time where the queue has it, an is_empty(),
+  // stamped for check_lens.
+  void stamped_len(Worker& me) {
+    LenCall c{};
+    c.is_empty = kHasIsEmpty && me.lens.size() % 2 == 1;
+    c.start = clock_.tick();
+    if constexpr (kHasIsEmpty) {
+      c.value = c.is_empty ? (q_.is_empty() ? 0 : 1) : q_.len();
+    } else {
+      c.value = q_.len();
+    }
+    c.end = clock_.tick();
+    me.lens.push_back(c);
+  }
+
   // With no call in flight, is_empty() must say what len() does (`when`:
   // before or after the pause's clear()).
   void check_is_empty(bool empty, const char* when) {
-    if constexpr (requires { q_.is_empty(); }) {
+    if constexpr (kHasIsEmpty) {
       if (q_.is_empty() == empty) return;
       const std::uint64_t now = clock_.tick();
       found_.add(make_violation("len", std::string("is_empty() returned ") + (empty ? "false" : "true") + " with no call in flight " + when +
@@ -439,14 +528,16 @@ class SchedulerRun {
                                            " then returned " + std::to_string(all.size()) + " tasks",
                                 {}, {{"clear", 0, t0, t1}}));
     }
-    if (refusals_checked()) check_refusals();
+    const Stamps s = stamps();
+    if (refusals_checked()) check_refusals(s);
+    check_lens(s);
     if (const std::size_t left = q_.len(); left != 0) {
       found_.add(make_violation("len", "len() is " + std::to_string(left) + " after clear()" + at(t0, t1) + " emptied the queue", {},
                                 {{"clear", 0, t0, t1}}));
     }
     check_is_empty(true, "after");
     if (reuse()) {
-      check_per_id();
+      check_per_id(s);
     } else {
       check_history();
     }
@@ -454,6 +545,7 @@ class SchedulerRun {
       w.log.clear();  // keeps the capacity
       w.duplicates.clear();
       w.refusals.clear();
+      w.lens.clear();
     }
     return !found_.any();
   }
@@ -491,6 +583,7 @@ class SchedulerRun {
   std::uint64_t events_checked_ = 0;
   std::uint64_t duplicate_answers_ = 0;  // --reuse-ids: DuplicateId answers judged
   std::uint64_t empty_answers_ = 0;      // --reuse-ids: next, peek and clear calls that found nothing, judged
+  std::uint64_t len_calls_checked_ = 0;  // stamped len() and is_empty() calls judged (in balanced epochs)
 };
 
 }  // namespace
@@ -522,6 +615,8 @@ void run_scheduler_target(const Config& cfg_in, Report& r) {
     case Target::BrokenFull:
     case Target::BrokenClear:
     case Target::BrokenLen:
+    case Target::BrokenLenDip:
+    case Target::BrokenLenEarly:
     case Target::BrokenEmpty: {
       DroppingQueue::Faults faults;
       faults.drop_every = cfg.target == Target::BrokenDropping ? cfg.drop_every : 0;
@@ -529,6 +624,8 @@ void run_scheduler_target(const Config& cfg_in, Report& r) {
       faults.refuse_every = cfg.target == Target::BrokenFull ? cfg.drop_every : 0;
       faults.clear_reversed = cfg.target == Target::BrokenClear;
       faults.half_len = cfg.target == Target::BrokenLen;
+      faults.dip_in_cancel = cfg.target == Target::BrokenLenDip;
+      faults.count_from_next_id = cfg.target == Target::BrokenLenEarly;
       faults.blind_every = cfg.target == Target::BrokenEmpty ? cfg.drop_every : 0;
       DroppingQueue q(cfg.capacity, priority_mode, faults);
       SchedulerRun<DroppingQueue>(cfg, q, r).run();

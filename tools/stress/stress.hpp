@@ -25,6 +25,8 @@ enum class Target {
   BrokenFull,        ///< a mutex queue that reports QueueFull for every task whose id is a multiple of drop_every
   BrokenClear,       ///< a mutex queue whose clear() returns the tasks in the reverse of next()'s order
   BrokenLen,         ///< a mutex queue whose len() reports half the tasks queued
+  BrokenLenDip,      ///< a mutex queue whose cancel() lowers len() while it looks for an id that is not queued
+  BrokenLenEarly,    ///< a mutex queue whose len() counts a task from next_id(), before its schedule() begins
   BrokenEmpty,       ///< a mutex queue whose next() and peek() report nothing on every drop_every-th call
   BrokenPool,        ///< a BlockPool that, every drop_every-th release of a shared block, drops a reference too many
   BrokenPoolOrder,   ///< a pool right in every count but with every atomic relaxed (caught under ThreadSanitizer only)
@@ -45,6 +47,8 @@ using Mix = std::vector<std::pair<std::string, unsigned>>;
 
 /// The target's operations with their default weights.
 Mix default_mix(Target t);
+/// Whether the target is driven by the scheduler run (its ops are the Scheduler's).
+bool is_scheduler_target(Target t);
 /// Parses "schedule=40,next=30": named ops get their weight, the others 0.
 /// Throws std::invalid_argument on an unknown op, a bad number or an all-zero mix.
 Mix parse_mix(Target t, std::string_view text);
@@ -73,6 +77,12 @@ struct Config {
   /// the history and empty the logs. Bounds memory: about 100 bytes an event
   /// per thread (the log, the checker's copy and its index).
   std::size_t max_events = std::size_t{1} << 16;
+  /// Scheduler targets: every this-th operation of a thread is followed by a
+  /// len() call (is_empty() every other time, where the target has it)
+  /// between two clock ticks, judged at the pause against the calls around
+  /// it. 0: none (len() is still checked against the capacity after every
+  /// operation, and exactly at each pause).
+  std::size_t len_every = 4;
   /// Findings kept per kind (all are counted).
   std::size_t max_findings = 3;
   /// broken-dropping: loses tasks whose id is a multiple of this.
