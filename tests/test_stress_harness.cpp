@@ -68,8 +68,10 @@ void check_spurious_refusals(st::Target target, std::uint64_t ops, const char* o
 }
 
 // A len() that is exact with no call in flight but leaves the bounds that the
-// calls around it set: the pause's check passes it, the stamped calls do not.
-void check_len_in_flight(st::Target target, const char* says) {
+// calls around it set: the pause's check passes it, the stamped calls do not,
+// both len() (`says`) and is_empty() (the mutex queues derive it from their
+// len(); `empty_says`).
+void check_len_in_flight(st::Target target, const char* says, const char* empty_says) {
   const auto seed = tgi_test::seed();
   MESSAGE("seed=" << seed);
   auto c = config(target, 4, 20000, seed);
@@ -78,16 +80,25 @@ void check_len_in_flight(st::Target target, const char* says) {
   INFO(describe(unstamped));
   CHECK(unstamped.ok());
   c.len_every = 4;
+  c.max_findings = 1'000'000;  // keep them all: both calls must be caught
   const auto r = st::run(c);
-  INFO(describe(r));
   REQUIRE(count_of(r, "len") > 0);
   CHECK(r.violation_counts.size() == 1);  // nothing else is wrong
   CHECK(r.stat("len_calls_checked") > 0);
-  const st::Violation& v = *first_of(r, "len");
-  CHECK(v.detail.find(says) != std::string::npos);
-  REQUIRE(v.calls.size() == 1);
-  CHECK(v.calls[0].op == "len");
-  CHECK(v.calls[0].start < v.calls[0].end);
+  std::size_t lens = 0, empties = 0;
+  for (const st::Violation& v : r.violations) {
+    REQUIRE(v.calls.size() == 1);
+    CHECK(v.calls[0].start < v.calls[0].end);
+    if (v.calls[0].op == "len") {
+      lens += v.detail.find(says) != std::string::npos;
+    } else {
+      CHECK(v.calls[0].op == "is_empty");
+      empties += v.detail.find(empty_says) != std::string::npos;
+    }
+  }
+  MESSAGE(lens << " len() and " << empties << " is_empty() findings of " << r.violations.size());
+  CHECK(lens > 0);
+  CHECK(empties > 0);
 }
 
 }  // namespace
@@ -258,12 +269,12 @@ TEST_CASE("broken-len: a len() that disagrees with the tasks queued is reported 
   CHECK(first_of(r, "len")->detail.find("with no call in flight") != std::string::npos);
 }
 
-TEST_CASE("broken-len-dip: a len() below the tasks queued throughout it is reported, naming the call") {
-  check_len_in_flight(st::Target::BrokenLenDip, "queued throughout it");
+TEST_CASE("broken-len-dip: a len() below the tasks queued throughout it, or is_empty() true then, is reported, naming the call") {
+  check_len_in_flight(st::Target::BrokenLenDip, "queued throughout it", "returned true, but");
 }
 
-TEST_CASE("broken-len-early: a len() above what the calls begun can have counted is reported, naming the call") {
-  check_len_in_flight(st::Target::BrokenLenEarly, "can have been counted during it");
+TEST_CASE("broken-len-early: a len() above what the calls begun can have counted, or is_empty() false when none can, is reported, naming the call") {
+  check_len_in_flight(st::Target::BrokenLenEarly, "can have been counted during it", "returned false, but");
 }
 
 TEST_CASE("broken-empty: next() or peek() answering nothing while tasks are queued is reported, with reused ids too") {

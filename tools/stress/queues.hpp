@@ -8,9 +8,9 @@
 // tasks (broken-dropping), never reports DuplicateId (broken-duplicates),
 // refuses some schedules of a queue far from full (broken-full), clears in the
 // reverse of next()'s order (broken-clear), reports half its length
-// (broken-len), lets len() dip while a cancel() looks for an id that is not
-// queued (broken-len-dip) or count a task from its next_id() on, before its
-// schedule() begins (broken-len-early), or answers some next() and peek()
+// (broken-len), lets len() dip while a cancel() waits for the lock, whether
+// or not it then finds its id (broken-len-dip), or count a task from its
+// next_id() on, before its schedule() begins (broken-len-early), or answers some next() and peek()
 // calls with nothing while tasks are queued (broken-empty).
 #pragma once
 
@@ -49,7 +49,7 @@ class RealScheduler {
   std::optional<ScheduledTask> cancel(unsigned, TaskId id) noexcept { return s_.cancel(id); }
   std::vector<ScheduledTask> clear() { return s_.clear(); }
   std::size_t len() const noexcept { return s_.len(); }
-  bool is_empty() const noexcept { return s_.is_empty(); }  // the other queues have none: not checked there
+  bool is_empty() const noexcept { return s_.is_empty(); }  // moodycamel has none: not checked there
   std::uint64_t dropped() const noexcept { return 0; }
 
  private:
@@ -106,10 +106,10 @@ class DroppingQueue {
     bool clear_reversed = false;
     /// len() reports half the tasks queued.
     bool half_len = false;
-    /// cancel() takes one off the count len() reports before it looks for
-    /// the id (yielding its core, as a slow caller would, before it takes the
-    /// lock), and puts it back once it has found the id not queued: an
-    /// optimistic decrement. Exact with no call in flight.
+    /// cancel() takes one off the count len() reports as it begins, yields
+    /// its core (as a slow caller would) and puts the one back once it holds
+    /// the lock, before it looks for the id: a decrement made before the
+    /// call knows it removes anything. Exact with no call in flight.
     bool dip_in_cancel = false;
     /// next_id() adds one to the count len() reports (then yields its core),
     /// and the schedule() of that id takes it off again: a task counted from
@@ -134,8 +134,9 @@ class DroppingQueue {
 
   std::error_code schedule(unsigned, const ScheduledTask& t) {
     std::lock_guard lock(mutex_);
-    // Accepted or not, size_ counts it from here (an id next_id() did not
-    // hand out, as with --reuse-ids, was never counted).
+    // The early count ends here: size_ counts the task from here on if it is
+    // accepted (an id next_id() did not hand out, as with --reuse-ids, was
+    // never counted early).
     if (faults_.count_from_next_id && t.id <= ids_.load()) skew_.fetch_sub(1);
     if (size_ >= capacity_) return ScheduleError::QueueFull;
     if (faults_.refuse_every != 0 && t.id % faults_.refuse_every == 0) return ScheduleError::QueueFull;
@@ -181,7 +182,7 @@ class DroppingQueue {
       std::this_thread::yield();
     }
     std::lock_guard lock(mutex_);
-    if (faults_.dip_in_cancel) skew_.fetch_add(1);  // found or not, size_ says it from here
+    if (faults_.dip_in_cancel) skew_.fetch_add(1);  // found or not, size_ counts it from here
     for (auto& q : queues_) {
       for (auto it = q.begin(); it != q.end(); ++it) {
         if (it->id == id) {
@@ -205,6 +206,7 @@ class DroppingQueue {
     if (faults_.clear_reversed) std::reverse(out.begin(), out.end());
     return out;
   }
+  bool is_empty() const { return len() == 0; }  // with len()'s faults
   std::size_t len() const {
     std::lock_guard lock(mutex_);
     const std::int64_t n = static_cast<std::int64_t>(faults_.half_len ? size_ / 2 : size_) + skew_.load();

@@ -30,7 +30,8 @@ std::string at(std::uint64_t start, std::uint64_t end) {
   return " [" + std::to_string(start) + "," + std::to_string(end) + "]";
 }
 
-std::string tasks(std::int64_t n) { return std::to_string(n) + (n == 1 ? " task" : " tasks"); }
+// "1 task", "2 tasks".
+std::string count(std::int64_t n, const std::string& noun) { return std::to_string(n) + " " + noun + (n == 1 ? "" : "s"); }
 
 CallRef ref(const Event& e) { return {HistoryChecker::name(e.op), e.id, e.start, e.end}; }
 
@@ -144,7 +145,7 @@ class SchedulerRun {
 
   // --reuse-ids: with every worker parked and the queue drained, each id must
   // have left exactly as often as it was accepted in this epoch.
-  void check_per_id(const Stamps& stamps) {
+  void check_per_id(const Stamps& s) {
     std::vector<std::uint64_t> accepted(cfg_.reuse_ids + 1, 0), removed(cfg_.reuse_ids + 1, 0);
     std::vector<const Event*> last(cfg_.reuse_ids + 1, nullptr);
     auto count = [&](const ThreadLog& log) {
@@ -177,7 +178,7 @@ class SchedulerRun {
     // A lost task would count as queued for the rest of the epoch and make
     // every later empty answer look wrong: an epoch that does not balance is
     // reported as conservation only.
-    if (balanced) check_empty_by_count(stamps);
+    if (balanced) check_empty_by_count(s);
   }
 
   // --reuse-ids: the empty rule without task identities (the epoch starts on
@@ -187,7 +188,7 @@ class SchedulerRun {
   // clear, one per task returned) by calls that began before it ended. Those
   // removals may have taken tasks scheduled later; subtracting them anyway
   // only makes the count smaller, so a positive count is a certain finding.
-  void check_empty_by_count(const Stamps& stamps) {
+  void check_empty_by_count(const Stamps& s) {
     std::vector<const Event*> empties;
     const auto gather = [&](const ThreadLog& log) {
       for (std::size_t i = 0; i < log.size(); ++i) {
@@ -206,12 +207,12 @@ class SchedulerRun {
     gather(drain_log_);
     empty_answers_ += empties.size();
     for (const Event* e : empties) {
-      if (stamps.least(e->start, e->end) <= 0) continue;
+      if (s.least(e->start, e->end) <= 0) continue;
       found_.add(make_violation("empty",
                                 HistoryChecker::name(e->op) + at(e->start, e->end) + " found nothing, but a task was queued throughout: " +
-                                    std::to_string(below(stamps.accepted_end, e->start)) +
-                                    " schedules were accepted before it began, and calls that began before it ended removed only " +
-                                    std::to_string(below(stamps.removed_start, e->end)) + " tasks",
+                                    count(below(s.accepted_end, e->start), "schedule") +
+                                    " accepted before it began, and calls that began before it ended removed only " +
+                                    count(below(s.removed_start, e->end), "task"),
                                 {}, {ref(*e)}));
     }
   }
@@ -340,16 +341,14 @@ class SchedulerRun {
         const std::string call = (c.is_empty ? "is_empty()" : "len()") + at(c.start, c.end);
         std::string detail;
         if (c.is_empty ? c.value == 0 && least > 0 : value < least) {
-          detail = call + " returned " + (c.is_empty ? std::string("true") : std::to_string(c.value)) + ", but " + tasks(least) +
-                   (least == 1 ? " was" : " were") + " queued throughout it: " + std::to_string(below(s.accepted_end, c.start)) +
-                   " schedules were accepted before it began, and calls that began before it ended removed " +
-                   tasks(below(s.removed_start, c.end));
+          detail = call + " returned " + (c.is_empty ? std::string("true") : std::to_string(c.value)) + ", but " + count(least, "task") +
+                   (least == 1 ? " was" : " were") + " queued throughout it: " + count(below(s.accepted_end, c.start), "schedule") +
+                   " accepted before it began, and calls that began before it ended removed " + count(below(s.removed_start, c.end), "task");
         } else if (c.is_empty ? c.value != 0 && most <= 0 : value > most) {
-          detail = call + " returned " + (c.is_empty ? std::string("false") : std::to_string(c.value)) + ", but at most " + tasks(most) +
-                   " can have been counted during it: " + std::to_string(below(s.accepted_start, c.end)) + " accepted and " +
-                   std::to_string(below(s.failed_start, c.end) - below(s.failed_end, c.start)) +
-                   " failed schedules began before it ended (the failed ones ending after it began), and calls that ended before it began removed " +
-                   tasks(below(s.removed_end, c.start));
+          detail = call + " returned " + (c.is_empty ? std::string("false") : std::to_string(c.value)) + ", but at most " +
+                   count(most, "task") + " can have been counted during it: " + count(below(s.accepted_start, c.end), "accepted schedule") +
+                   " began before it ended, " + count(below(s.failed_start, c.end) - below(s.failed_end, c.start), "failed one") +
+                   " overlapped it, and calls that ended before it began removed " + count(below(s.removed_end, c.start), "task");
         } else {
           continue;
         }

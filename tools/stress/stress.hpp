@@ -25,8 +25,8 @@ enum class Target {
   BrokenFull,        ///< a mutex queue that reports QueueFull for every task whose id is a multiple of drop_every
   BrokenClear,       ///< a mutex queue whose clear() returns the tasks in the reverse of next()'s order
   BrokenLen,         ///< a mutex queue whose len() reports half the tasks queued
-  BrokenLenDip,      ///< a mutex queue whose cancel() lowers len() while it looks for an id that is not queued
-  BrokenLenEarly,    ///< a mutex queue whose len() counts a task from next_id(), before its schedule() begins
+  BrokenLenDip,      ///< a mutex queue whose cancel() lowers len() while it waits for the lock, whether or not it then finds its id
+  BrokenLenEarly,    ///< a mutex queue whose len() counts a task from next_id(), before its schedule() begins (no fault with --reuse-ids)
   BrokenEmpty,       ///< a mutex queue whose next() and peek() report nothing on every drop_every-th call
   BrokenPool,        ///< a BlockPool that, every drop_every-th release of a shared block, drops a reference too many
   BrokenPoolOrder,   ///< a pool right in every count but with every atomic relaxed (caught under ThreadSanitizer only)
