@@ -75,7 +75,9 @@ class Scheduler {
   /// when task.priority is none of the four enumerators (checked first);
   /// ScheduleError::QueueFull when len() has reached max_queue_size (len()
   /// counts schedule() calls in flight, so this answer is not linearizable:
-  /// README "Guarantees");
+  /// README "Guarantees"), or, exceptionally, when the task table shows no
+  /// free slot to its probe (max_queue_size + 131 calls stalled mid-way, or
+  /// other calls' claims and frees in a hostile order: README "Progress");
   /// ScheduleError::DuplicateId when a task with the same id is queued. On
   /// failure nothing changes.
   [[nodiscard]] std::error_code schedule(const ScheduledTask& task) noexcept;
