@@ -57,8 +57,8 @@ int main(int argc, char** argv) {
                  "schedules of their id in flight); checks per-id conservation instead of ordering; 0: off")
       ->capture_default_str();
   app.add_option("--len-every", cfg.len_every,
-                 "scheduler targets: after every N-th operation of a thread, call len() (or, on the Scheduler, is_empty() every "
-                 "other time) between two clock ticks and judge it against the calls in flight around it; 0: never")
+                 "scheduler targets: after every N-th operation of a thread, call len() (or is_empty() every other time, where "
+                 "the target has it) between two clock ticks and judge it against the calls in flight around it; 0: never")
       ->capture_default_str();
   auto* seed_opt = app.add_option("--seed", seed, "random seed (default: a fresh one, printed)");
   app.add_option("--json", json_path, "also write the summary as JSON to this file");

@@ -9,9 +9,10 @@
 // refuses some schedules of a queue far from full (broken-full), clears in the
 // reverse of next()'s order (broken-clear), reports half its length
 // (broken-len), lets len() dip while a cancel() waits for the lock, whether
-// or not it then finds its id (broken-len-dip), or count a task from its
-// next_id() on, before its schedule() begins (broken-len-early), or answers some next() and peek()
-// calls with nothing while tasks are queued (broken-empty).
+// or not it then finds its id (broken-len-dip), counts a task from its
+// next_id() on, before its schedule() begins (broken-len-early), or answers
+// some next() and peek() calls with nothing while tasks are queued
+// (broken-empty).
 #pragma once
 
 #include <algorithm>
