@@ -153,6 +153,64 @@ TEST_CASE("released blocks can be allocated again after exhaustion") {
   CHECK(pool.free_blocks() == 100);
 }
 
+TEST_CASE("a released single block is parked: the same thread's next one-block allocation gets it back") {
+  BlockPool pool(256);
+  const auto held = take(pool, 256);
+  for (const BlockId id : {BlockId{5}, BlockId{200}, BlockId{77}}) {
+    CAPTURE(id);
+    CHECK(pool.release(std::span<const BlockId>(&id, 1)) == 1);
+    CHECK(pool.free_blocks() == 1);
+    CHECK(pool.ref_count(id) == 0);
+    BlockId again = kSentinel;
+    REQUIRE(pool.try_allocate(std::span<BlockId>(&again, 1)));
+    CHECK(again == id);
+    CHECK(pool.ref_count(id) == 1);
+    CHECK(pool.free_blocks() == 0);
+  }
+  // With clear bits beside it, the one-block allocation still prefers the
+  // block this thread parked (a bitmap scan would find block 0 first).
+  const BlockId low[] = {0, 1};
+  CHECK(pool.release(low) == 2);  // two blocks: through the bitmap
+  const BlockId id = 100;
+  CHECK(pool.release(std::span<const BlockId>(&id, 1)) == 1);
+  CHECK(pool.free_blocks() == 3);
+  BlockId again = kSentinel;
+  REQUIRE(pool.try_allocate(std::span<BlockId>(&again, 1)));
+  CHECK(again == id);
+  CHECK(pool.free_blocks() == 2);
+  CHECK(pool.release(held) == 254);  // 0 and 1 are free already: two rejected
+  CHECK(pool.invalid_releases() == 2);
+  CHECK(pool.free_blocks() == 256);
+}
+
+TEST_CASE("a batch takes the parked block only when the clear bits alone cannot back it") {
+  BlockPool pool(4);
+  CHECK(take(pool, 4).size() == 4);
+  const BlockId parked = 3;
+  CHECK(pool.release(std::span<const BlockId>(&parked, 1)) == 1);
+  const BlockId low[] = {0, 1};
+  CHECK(pool.release(low) == 2);
+  CHECK(pool.free_blocks() == 3);
+  // Two blocks: the two clear bits back them; the parked block stays.
+  std::vector<BlockId> two(2, kSentinel);
+  REQUIRE(pool.try_allocate(two));
+  CHECK(std::set<BlockId>(two.begin(), two.end()) == std::set<BlockId>{0, 1});
+  CHECK(pool.free_blocks() == 1);
+  CHECK(pool.ref_count(parked) == 0);
+  CHECK(pool.release(two) == 2);
+  // Three blocks: two clear bits cannot back them, so the parked block goes too.
+  std::vector<BlockId> three(3, kSentinel);
+  REQUIRE(pool.try_allocate(three));
+  CHECK(std::set<BlockId>(three.begin(), three.end()) == std::set<BlockId>{0, 1, 3});
+  CHECK(pool.free_blocks() == 0);
+  for (const BlockId id : three) CHECK(pool.ref_count(id) == 1);
+  CHECK(pool.release(three) == 3);
+  const BlockId last = 2;  // the one block held throughout
+  CHECK(pool.release(std::span<const BlockId>(&last, 1)) == 1);
+  CHECK(pool.free_blocks() == 4);
+  CHECK(pool.invalid_releases() == 0);
+}
+
 TEST_CASE("a batch larger than the free count takes nothing and leaves out untouched") {
   BlockPool pool(10);
   const auto held = take(pool, 7);

@@ -1,15 +1,21 @@
 // BlockPool races forced deterministically (see test_scheduler_races.cpp): a
 // release() is stalled where it has read a block's last reference (a count of
-// 1) and not yet stored 0, or where a block it took to 0 waits for its bit
-// clear, while the test releases or allocates the same block. These are the
-// double releases of invariant I5 in engine/block_pool.cpp: misuses, which
-// the pool must still account for (free_blocks() never counts a bit that is
-// not clear, or try_allocate waits for blocks that do not exist). The
-// unforced test in test_block_pool.cpp needs two cores to meet them.
+// 1) and not yet stored 0, where a block it took to 0 waits for its bit
+// clear, where it has cleared its bits and not yet counted them, or where it
+// has parked its block and not yet checked the bit, while the test releases
+// or allocates the same block. These are the double releases of invariant
+// I5 in engine/block_pool.cpp: misuses, which the pool must still account
+// for (free_blocks() never counts a block that no try_allocate can take, or
+// try_allocate waits for blocks that do not exist), and of which exactly one
+// release frees the block unless a try_allocate comes between them: whether
+// the word decides, or the slot, or one side sees the other's bit clear or
+// parked block (P'). The unforced test in test_block_pool.cpp needs two cores
+// to meet them.
 //
 // The last three tests check the memory orderings that pass a block from
 // its holders to its next owner: the release (D0) or (D) that takes its count
-// to 0, and the bit clear (5) that the next owner's claim (3) reads. The
+// to 0, the park (P) that the next owner's reservation (1) reads, and the bit
+// clear (5) that the next owner's claim (3) reads. The
 // next owner writes the block's data, which a holder wrote before its release.
 // Outside the pool, nothing orders the holder's write before the next
 // owner's: the threads wait for each other through relaxed loads, which order
@@ -37,6 +43,7 @@ extern void (*g_release_last_ref_hook)(std::uint64_t id);
 extern void (*g_release_pending_hook)(std::uint64_t id);
 extern void (*g_release_shared_hook)(std::uint64_t id);
 extern void (*g_release_flushed_hook)(std::uint64_t word);
+extern void (*g_release_parked_hook)(std::uint64_t id);
 }  // namespace tgi_gtc::scheduling::detail
 
 using namespace tgi_gtc::scheduling;
@@ -53,6 +60,16 @@ struct LastRefStall : StallAt<0> {
 // Stalls the first release() that has a block at 0 waiting for its bit clear.
 struct PendingStall : StallAt<1> {
   PendingStall() : StallAt<1>(detail::g_release_pending_hook) {}
+};
+// Stalls the first release() that has cleared its bits and not yet counted
+// them in free_ (6) (held_at: the word).
+struct FlushedStall : StallAt<2> {
+  FlushedStall() : StallAt<2>(detail::g_release_flushed_hook) {}
+};
+// Stalls the first release() of one block that has parked it (P), before it
+// checks the block's bit (P') (held_at: the block).
+struct ParkedStall : StallAt<3> {
+  ParkedStall() : StallAt<3>(detail::g_release_parked_hook) {}
 };
 
 // A release() of `ids` on a thread of its own; join() returns its result.
@@ -83,16 +100,25 @@ class ReleaseThread {
 };
 
 // 8 blocks, two a word (sbitmap's narrow words for small pools): blocks A = 2
-// and B = 3 share word 1 (not block 0: StallAt's held_at starts at 0). Every
-// block is held, so an allocation can only get a block the test frees.
+// and B = 3 share word 1 (not block 0: StallAt's held_at starts at 0), C = 4
+// is in word 2. Every block is held, so an allocation can only get a block
+// the test frees; or, with `park`, every block but P = 7, which this thread
+// has released: the slot holds it (P), so that a release of one block goes
+// to the bitmap.
 constexpr BlockId kA = 2;
 constexpr BlockId kB = 3;
+constexpr BlockId kC = 4;
+constexpr BlockId kP = 7;
 struct FullPool {
   BlockPool pool{8};
-  FullPool() {
+  explicit FullPool(bool park = false) {
     std::array<BlockId, 8> ids{};
     REQUIRE(pool.try_allocate(ids));
     REQUIRE(pool.free_blocks() == 0);
+    if (park) {
+      REQUIRE(pool.release(std::vector<BlockId>{kP}) == 1);
+      REQUIRE(pool.free_blocks() == 1);
+    }
   }
   // Takes `n` blocks on another thread, failing the run instead of hanging it
   // when free_blocks() counts bits that are not clear.
@@ -111,27 +137,136 @@ struct FullPool {
   }
 };
 
-}  // namespace
-
-TEST_CASE("a release that read the last reference of a block freed meanwhile by another release counts it as rejected") {
-  FullPool f;
+// A release of A and `other`, stalled after reading A's count of 1, while
+// this thread releases A again. `park`: the slot is full, so the single
+// release clears A's bit and the word decides. Otherwise it parks A, and the
+// late release, which clears A's bit, finds A in the slot when it counts its
+// frees (P'): A is in the last word it flushes (with B, read through (6)) or
+// in an earlier one (with C, read after that flush).
+void late_release_of_a_freed_block(bool park, BlockId other) {
+  const std::size_t parked = park ? 1 : 0;
+  FullPool f(park);
   LastRefStall stall;
-  // Releases blocks A and B (one word): stalled after reading A's count of 1.
-  ReleaseThread late(f.pool, {kA, kB});
+  // Releases blocks A and `other`: stalled after reading A's count of 1.
+  ReleaseThread late(f.pool, {kA, other});
   stall.wait_held();
   CHECK(stall.held_at == kA);
   // The same reference again, here: the count still reads 1, so this release
   // frees block A (a double release with the stalled one).
   CHECK(f.pool.release(std::vector<BlockId>{kA}) == 1);
-  CHECK(f.pool.free_blocks() == 1);
+  CHECK(f.pool.free_blocks() == 1 + parked);
   stall.release();
-  // A's bit is clear already: the late release frees only B and counts A as
-  // a rejected id (a partial loss inside one word's mask).
+  // The late release frees only `other` and counts A as a rejected id.
   CHECK(late.join() == 1);
   CHECK(f.pool.invalid_releases() == 1);
-  CHECK(f.pool.free_blocks() == 2);
+  CHECK(f.pool.free_blocks() == 2 + parked);
   CHECK(f.pool.ref_count(kA) == 0);
-  CHECK(f.pool.ref_count(kB) == 0);
+  CHECK(f.pool.ref_count(other) == 0);
+  // Two blocks wanted: the bits decide, whoever parked (A has one unit).
+  const std::vector<BlockId> again = f.take(2);
+  CHECK(((again[0] == kA && again[1] == other) || (again[0] == other && again[1] == kA)));
+  CHECK(f.pool.free_blocks() == parked);
+}
+
+}  // namespace
+
+TEST_CASE("a release that read the last reference of a block freed meanwhile by another release counts it as rejected") {
+  SUBCASE("the slot full, one word: the word decides") { late_release_of_a_freed_block(true, kB); }
+  SUBCASE("the slot full, two words: the word decides") { late_release_of_a_freed_block(true, kC); }
+  SUBCASE("A parked, in the last word flushed") { late_release_of_a_freed_block(false, kB); }
+  SUBCASE("A parked, in an earlier word") { late_release_of_a_freed_block(false, kC); }
+}
+
+TEST_CASE("a release of one block that finds it parked by a racing release counts it as rejected") {
+  FullPool f;
+  LastRefStall stall;
+  ReleaseThread late(f.pool, {kA});  // stalled after reading A's count of 1
+  stall.wait_held();
+  CHECK(f.pool.release(std::vector<BlockId>{kA}) == 1);  // parks A
+  CHECK(f.pool.free_blocks() == 1);
+  stall.release();
+  CHECK(late.join() == 0);  // the slot holds A already
+  CHECK(f.pool.invalid_releases() == 1);
+  CHECK(f.pool.free_blocks() == 1);
+  CHECK(f.take(1)[0] == kA);
+  CHECK(f.pool.free_blocks() == 0);
+}
+
+TEST_CASE("a release that parks a block whose bit a racing release cleared takes it back off the slot") {
+  FullPool f;
+  LastRefStall stall;
+  ReleaseThread single(f.pool, {kA});  // stalled after reading A's count of 1
+  stall.wait_held();
+  FlushedStall flushed;
+  // Reads A's count of 1 too, clears the bits of A and B, and stalls before
+  // it counts them (6).
+  ReleaseThread both(f.pool, {kA, kB});
+  flushed.wait_held();
+  CHECK(flushed.held_at == 1);  // word 1
+  // The single release parks A (the slot is empty), then finds A's bit clear
+  // (P'): it takes its unit back off the slot and counts A as rejected.
+  stall.release();
+  CHECK(single.join() == 0);
+  CHECK(f.pool.invalid_releases() == 1);
+  CHECK(f.pool.free_blocks() == 0);
+  flushed.release();
+  CHECK(both.join() == 2);
+  CHECK(f.pool.invalid_releases() == 1);
+  CHECK(f.pool.free_blocks() == 2);
+  const std::vector<BlockId> again = f.take(2);
+  CHECK(((again[0] == kA && again[1] == kB) || (again[0] == kB && again[1] == kA)));
+  CHECK(f.pool.free_blocks() == 0);
+}
+
+TEST_CASE("a release of one block that clears its bit after a racing release parked it takes it back off the slot") {
+  FullPool f(true);  // P parked: a release of one block goes to the bitmap
+  LastRefStall stall;
+  ReleaseThread parker(f.pool, {kA});  // stalled after reading A's count of 1
+  stall.wait_held();
+  PendingStall pending;
+  // Reads A's count of 1 too, finds the slot full (P) and stalls before it
+  // clears A's bit.
+  ReleaseThread late(f.pool, {kA});
+  pending.wait_held();
+  CHECK(pending.held_at == kA);
+  CHECK(f.take(1)[0] == kP);  // the slot empties
+  // The parker parks A; A's bit is still set, so its check (P') passes.
+  stall.release();
+  CHECK(parker.join() == 1);
+  CHECK(f.pool.free_blocks() == 1);
+  // The late release clears A's bit and finds A parked when it counts it
+  // (6): it moves A's unit off the slot (U) and counts A as rejected.
+  pending.release();
+  CHECK(late.join() == 0);
+  CHECK(f.pool.invalid_releases() == 1);
+  CHECK(f.pool.free_blocks() == 1);
+  CHECK(f.take(1)[0] == kA);
+  CHECK(f.pool.free_blocks() == 0);
+}
+
+TEST_CASE("when both racing releases see the conflict, one takes the parked block back and the other frees it") {
+  FullPool f;
+  LastRefStall stall;
+  ReleaseThread both(f.pool, {kA, kB});  // stalled after reading A's count of 1
+  stall.wait_held();
+  ParkedStall parked;
+  // Parks A and stalls before it checks A's bit.
+  ReleaseThread single(f.pool, {kA});
+  parked.wait_held();
+  CHECK(parked.held_at == kA);
+  CHECK(f.pool.free_blocks() == 1);
+  // The pair clears the bits of A and B, finds A parked when it counts them
+  // (6), and moves A's unit off the slot (U): A is rejected there.
+  stall.release();
+  CHECK(both.join() == 1);
+  CHECK(f.pool.invalid_releases() == 1);
+  CHECK(f.pool.free_blocks() == 2);
+  // The single release finds A's bit clear (P'), but the slot no longer
+  // holds A: its free stands.
+  parked.release();
+  CHECK(single.join() == 1);
+  CHECK(f.pool.invalid_releases() == 1);
+  CHECK(f.pool.free_blocks() == 2);
   const std::vector<BlockId> again = f.take(2);
   CHECK(((again[0] == kA && again[1] == kB) || (again[0] == kB && again[1] == kA)));
   CHECK(f.pool.free_blocks() == 0);
@@ -150,18 +285,19 @@ TEST_CASE("a repeated id that finds its block re-allocated while its first occur
   ReleaseThread twice(f.pool, {kA, kA});
   second.wait_held();
   CHECK(second.held_at == kA);
-  // The single release goes on: it clears A's bit and counts it free.
+  // The single release goes on: it parks A (P) and counts it free.
   first.release();
   CHECK(single.join() == 1);
   CHECK(f.pool.free_blocks() == 1);
-  // A new owner takes A (the only clear bit).
+  // A new owner takes A (the parked block, the only free one).
   CHECK(f.take(1)[0] == kA);
   CHECK(f.pool.ref_count(kA) == 1);
   // The second occurrence finds A pending in its own call: rejected
   // before its count is read, so the new owner's count stays. (Counting it
   // would put two units in free_ for the one bit the call clears, and a
   // try_allocate of both would wait for good.) The call's fetch_and then
-  // clears the new owner's bit: the double release's damage, counted once.
+  // clears the new owner's bit (set since the first allocation): the double
+  // release's damage, counted once.
   second.release();
   CHECK(twice.join() == 1);
   CHECK(f.pool.invalid_releases() == 1);
@@ -272,18 +408,21 @@ void wait_for_next_owner(std::uint64_t) {
   spin_until([&] { return pool->ref_count(0) == 1; }, "block 0 was not taken again");
 }
 
-}  // namespace
-
-TEST_CASE("the next owner's claim acquires the accesses of a releaser that has not yet counted the block free") {
-  // Two blocks in one word. Block 1 is freed here and counted in free_;
-  // block 0 is released on another thread that stalls after clearing its bit,
-  // before it adds it to free_. The next allocation reserves block 1's unit
-  // but claims the lowest clear bit, block 0's: from its releaser it learns
-  // nothing through free_ (6)/(1), only through the word (5)/(3).
-  BlockPool pool(2);
-  std::array<BlockId, 2> both{};
-  REQUIRE(pool.try_allocate(both));
-  REQUIRE(pool.release(std::vector<BlockId>{1}) == 1);
+// Three blocks in one word. Block 2 is parked and block 1 freed through the
+// bitmap, both counted in free_; block 0 is released (with `ids`) on another
+// thread, through the bitmap too (the slot is full), which stalls after
+// clearing its bit, before it adds it to free_. The next allocation, of two
+// blocks, reserves the units of blocks 1 and 2: it takes block 2 from the
+// slot (the bits alone cannot back two) and claims the lowest clear bit,
+// block 0's: from its releaser it learns nothing through free_ (6)/(1), only
+// through the word (5)/(3).
+void next_owner_claims_before_the_count(const std::vector<BlockId>& ids) {
+  BlockPool pool(3);
+  std::array<BlockId, 3> all{};
+  REQUIRE(pool.try_allocate(all));
+  REQUIRE(pool.release(std::vector<BlockId>{2}) == 1);  // parked
+  REQUIRE(pool.release(std::vector<BlockId>{1}) == 1);  // bitmap
+  REQUIRE(pool.free_blocks() == 2);
   int data = 0;
   g_flushed_pool = &pool;
   // relaxed: before the releaser starts; its creation orders this store first.
@@ -292,19 +431,29 @@ TEST_CASE("the next owner's claim acquires the accesses of a releaser that has n
   std::size_t freed = 9;
   std::thread releaser([&] {
     data = 1;  // the holder's access, then its release of block 0
-    freed = pool.release(std::vector<BlockId>{0});
+    freed = pool.release(ids);
   });
   // relaxed: pairs with nothing, on purpose (the store in wait_for_next_owner).
   spin_until([] { return g_flushed.load(std::memory_order::relaxed); },
                           "the release of block 0 did not clear its bit");
-  std::array<BlockId, 1> next{};
+  std::array<BlockId, 2> next{};
   CHECK(pool.try_allocate(next));  // CHECK: a throw here would leave the releaser joinable
-  CHECK(next[0] == 0);
+  CHECK(next[0] == 2);
+  CHECK(next[1] == 0);
   data = 2;  // races with `data = 1` unless (5) releases and (3) acquires
   releaser.join();
   detail::g_release_flushed_hook = nullptr;
   CHECK(freed == 1);
+  CHECK(pool.invalid_releases() == ids.size() - 1);
   CHECK(pool.free_blocks() == 1);
   CHECK(pool.ref_count(0) == 1);
   CHECK(pool.ref_count(1) == 0);
+  CHECK(pool.ref_count(2) == 1);
+}
+
+}  // namespace
+
+TEST_CASE("the next owner's claim acquires the accesses of a releaser that has not yet counted the block free") {
+  SUBCASE("a release of one block") { next_owner_claims_before_the_count({0}); }
+  SUBCASE("a batch (block 0 and an out-of-range id)") { next_owner_claims_before_the_count({0, 3}); }
 }

@@ -17,8 +17,9 @@
 // None of them takes a lock, makes a system call or allocates memory.
 //
 // The design (an atomic bitmap after Linux's lib/sbitmap.c, a free-block
-// counter for exact all-or-nothing batches, per-block reference counts) is
-// documented in engine/block_pool.cpp and the README section "KV-cache block pool".
+// counter for exact all-or-nothing batches with room for one parked block,
+// per-block reference counts) is documented in engine/block_pool.cpp and the
+// README section "KV-cache block pool".
 #pragma once
 
 #include <atomic>
@@ -61,7 +62,9 @@ class BlockPool {
   /// false (fewer than out.size() blocks free at the moment of the call).
   /// All-or-nothing also under concurrency: capacity is reserved before any
   /// block is claimed, so no partial grab ever exists. An empty span: true.
-  /// Concurrent with anything.
+  /// A one-block request gets the block that this thread's last one-block
+  /// release() parked, if it is still parked (two atomic read-modify-writes
+  /// for the pair, instead of four). Concurrent with anything.
   [[nodiscard]] bool try_allocate(std::span<BlockId> out) noexcept;
 
   /// Adds one reference to each block (a shared prefix, a fork). The caller
@@ -79,7 +82,9 @@ class BlockPool {
   [[nodiscard]] bool try_retain(std::span<const BlockId> blocks) noexcept;
 
   /// Drops one reference from each block; a block whose count reaches zero is
-  /// free again. Returns how many became free. An id that is free (count 0)
+  /// free again (the one block of a one-id call is parked, when no block is,
+  /// for this thread's next one-block try_allocate; any caller may take it).
+  /// Returns how many became free. An id that is free (count 0)
   /// or out of range is skipped and counted in invalid_releases(); a repeated
   /// id drops one reference per occurrence (a repeat beyond the references
   /// held is a double release, counted in invalid_releases(); but bits are
@@ -90,8 +95,9 @@ class BlockPool {
   /// invalid_releases() (unless a try_allocate takes the block between the
   /// two: then the late one frees it under its new owner, as any double
   /// release after a re-allocation). Whatever the misuse, free_blocks()
-  /// counts only blocks whose bits are clear, so try_allocate never waits for
-  /// blocks that do not exist. Concurrent with anything.
+  /// counts only blocks whose bits are clear and the parked one, so
+  /// try_allocate never waits for blocks that do not exist. Concurrent with
+  /// anything.
   [[nodiscard]] std::size_t release(std::span<const BlockId> blocks) noexcept;
 
   /// Rejected ids so far: releases AND retains of a free or out-of-range
@@ -106,7 +112,7 @@ class BlockPool {
   std::uint32_t total_blocks() const noexcept;
 
   /// Blocks a try_allocate could take now: never more than the blocks whose
-  /// bits are clear, whatever the callers do. While callers keep the contract,
+  /// bits are clear and the parked one, whatever the callers do. While callers keep the contract,
   /// exact when no call is in flight; it may lag the blocks whose count reads
   /// 0 by the blocks inside calls in flight (never the other way): those a
   /// release already dropped to 0, and those a try_allocate reserved before
@@ -126,16 +132,28 @@ class BlockPool {
   /// One reference more on `id` (a CAS from a count above zero and below
   /// UINT32_MAX); false, changing nothing, when retain() would reject it.
   bool retain_one(BlockId id) noexcept;
+  /// Drops one reference to `id` (in range); returns the count it read: 0
+  /// (rejected, nothing changed), 1 (it was the last: now 0) or more.
+  std::uint32_t drop_ref(BlockId id) noexcept;
+  /// release() of one id: parks the block when the slot is empty (P).
+  std::size_t release_one(BlockId id) noexcept;
+  /// If the block parked in `seen` (a value of free_) has its bit in
+  /// `cleared` of `word`, moves its unit off the slot (U) and returns true.
+  bool unpark_cleared(std::uint64_t seen, std::uint32_t word, std::uint64_t cleared, bool counted) noexcept;
+  /// Counts `n` rejected ids; returns 0.
+  std::size_t reject(std::size_t n) noexcept;
+  /// The bit of `id` in its word.
+  std::uint64_t bit_of(BlockId id) const noexcept { return std::uint64_t{1} << (id & ((std::uint32_t{1} << shift_) - 1)); }
 
   static constexpr std::size_t kCacheLine = 64;
   // Each counter written by the hot path gets a line of its own.
-  struct alignas(kCacheLine) PaddedU32 {
-    std::atomic<std::uint32_t> value{0};
+  struct alignas(kCacheLine) PaddedU64 {
+    std::atomic<std::uint64_t> value{0};
   };
   struct alignas(kCacheLine) PaddedSize {
     std::atomic<std::size_t> value{0};
   };
-  static_assert(sizeof(PaddedU32) == kCacheLine && alignof(PaddedU32) == kCacheLine);
+  static_assert(sizeof(PaddedU64) == kCacheLine && alignof(PaddedU64) == kCacheLine);
   static_assert(sizeof(PaddedSize) == kCacheLine && alignof(PaddedSize) == kCacheLine);
 
   // Read-only after construction (shared, never written: one line).
@@ -144,7 +162,7 @@ class BlockPool {
   std::uint32_t num_blocks_;
   std::uint32_t shift_;  // log2(blocks per word), as sbitmap's shift
   std::uint32_t num_words_;
-  PaddedU32 free_;      // blocks not held and not reserved
+  PaddedU64 free_;      // free blocks, the parked block and its tag (block_pool.cpp)
   PaddedSize invalid_;  // rejected ids
 };
 
