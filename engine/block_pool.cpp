@@ -116,6 +116,15 @@
 //         two sees the other; whoever sees it moves the block's unit off
 //         the slot (U) if the slot still holds it and counts the id as
 //         rejected; if both see it, only one CAS (U) finds the block there.
+//         Before each CAS (U) it loads the bit again: under the contract a
+//         parked block's bit is set, so a set bit means the block was
+//         claimed and parked again by a legitimate owner since (a release
+//         that is no misuse can meet that too: its bit clear (5), then a
+//         claim (3) and a park of the block before its read of free_), and
+//         that park stays. Left open: the claim, a take and a park again
+//         between that load and the CAS, with free_ back at the value the
+//         CAS expects; it needs two more calls on the same block in a window
+//         of a few instructions (or a preemption there).
 //       That holds while no try_allocate takes the block between the two; if
 //       one does, the late release clears the new owner's bit (and its count,
 //       if its store comes after the new owner's), or parks the block while
@@ -133,7 +142,7 @@
 // before free_blocks() counts it again. By I1 and I3, free_blocks() never
 // exceeds the blocks with count 0 (under the contract; I5 for misuses); it may
 // lag them by the blocks inside in-flight calls, and equals them when none is
-// (I4).
+// (I4). It reports at most N (the count can reach N + 1 under misuse, I3).
 //
 // Memory orderings (numbers as in the code):
 //   (1) reserve CAS on free_, acquire: pairs with (6) and (P): the bit
@@ -155,9 +164,13 @@
 //   (D0) count load, acquire: pairs with the release half of every other
 //       holder's (D); a 1 read means they all dropped theirs, and their
 //       accesses happen-before this holder's store (D') and (P) or (5).
-//   (D') count store 0, relaxed: (P) or (5), a release after it in this
-//       thread, orders it before the next owner's store (4), which follows
-//       (1) or (3).
+//   (D') count store 0, relaxed: (P), (5) or (D''), a release after it in
+//       this thread, orders it before the next owner's store (4), which
+//       follows (1) or (3).
+//   (D'') fetch_or(0) on free_, release, only before a release of one block
+//       rejects it because the slot holds it: pairs with the next owner's (1),
+//       which reads free_ after it (its release sequence), so the store (D')
+//       happens-before that owner's (4).
 //   (P) park CAS on free_, seq_cst: its release half pairs with (1). seq_cst
 //       for the store-buffering pattern of I5, with (P'), (5), (6) and the
 //       read of free_ after a flush, all seq_cst.
@@ -166,7 +179,8 @@
 //   (6) free_ fetch_add, seq_cst: its release half pairs with (1); see (P).
 //   (U) un-park CAS on free_, seq_cst: the bit clear (5) whose unit it moves
 //       happens-before it (the caller did it, or (P') read it), and so before
-//       the reservation (1) that reads the unit.
+//       the reservation (1) that reads the unit. The load of the bit before
+//       it: seq_cst, as (P').
 //   On x86-64 the seq_cst read-modify-writes are the same locked instructions
 //   as the release ones, and the seq_cst loads plain loads.
 //
@@ -202,19 +216,19 @@ static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
 
 #ifdef TGI_GTC_TEST_HOOKS
 // Test builds only (tgi_gtc_scheduling_hooks, as the Scheduler's hooks in
-// scheduler.cpp), called by release(): with the block id, when it read a
-// count of 1, before it stores 0 (D'); when a block it took to 0 waits for its
-// bit clear (5) (in the pending mask, or, for a release of one block that
-// found the slot full, just before it); when it read a count above 1, before
-// its CAS (D); with the word it cleared last, after its last bit clear (5),
-// before it adds the freed blocks to free_ (6); and, with the block id, when a
-// release of one block has parked it (P), before it checks its bit (P'). A
-// test stalls a release at the first, second, fourth and fifth to force the
-// double-release races of I5; at the third, to make another holder's release
-// land between the load (D0) and the CAS (D), so that (D) takes the count to
-// 0; at the fourth also so that the next owner claims the block before free_
-// counts it, synchronizing with its releaser through (5) and (3) alone (the
-// last two are ordering tests).
+// scheduler.cpp), called by release(): (a) with the block id, when it read a
+// count of 1, before it stores 0 (D'); (b) with the block id, when a block it
+// took to 0 waits for its bit clear (5): in the pending mask, or, in a release
+// of one block that found the slot full or lost the park CAS, just before it;
+// (c) with the block id, when it read a count above 1, before its CAS (D); (d)
+// with the word it cleared last, after its last bit clear (5), before it adds
+// the freed blocks to free_ (6); (e) with the block id, when a release of one
+// block has parked it (P), before it checks its bit (P'). A test stalls a
+// release at (a), (b), (d) and (e) to force the double-release races of I5.
+// Two ordering tests stall one at (c), to make another holder's release land
+// between the load (D0) and the CAS (D), so that (D) takes the count to 0; and
+// at (d), so that the next owner claims the block before free_ counts it,
+// synchronizing with its releaser through (5) and (3) alone.
 void (*g_release_last_ref_hook)(std::uint64_t id) = nullptr;
 void (*g_release_pending_hook)(std::uint64_t id) = nullptr;
 void (*g_release_shared_hook)(std::uint64_t id) = nullptr;
@@ -281,6 +295,39 @@ std::uint64_t my_tag() noexcept {
     t_tag = g_next_tag.fetch_add(1, std::memory_order::relaxed) % 63 + 1;
   }
   return t_tag;
+}
+
+// Drops one reference to block `id` (in range; `count` is its count) and
+// returns the count it read: 0 (rejected, nothing changed), 1 (it was the
+// last: now 0) or more. This shape (one return, after both branches) keeps
+// release()'s loop as fast as it was with this code written inside it: with
+// an early return for the last reference, the loop took 1.3x the time for a
+// batch of 64 blocks on the development box.
+[[gnu::always_inline]] inline std::uint32_t drop_ref(std::atomic<std::uint32_t>& count,
+                                                     [[maybe_unused]] BlockId id) noexcept {
+  // (D0) acquire pairs with the release half of the other holders' (D): a 1
+  // read here comes after every other reference was dropped, and their
+  // accesses to the block happen-before ours (then (P) or (5) passes them on).
+  std::uint32_t c = count.load(std::memory_order::acquire);
+  if (c == 1) {
+    TGI_GTC_RELEASE_LAST_REF(id);
+    // The last reference, and it is ours: no one else may retain (only a
+    // holder may), so no read-modify-write is needed (libstdc++'s
+    // shared_ptr release fast path, GCC 12). (D') relaxed: a release
+    // read-modify-write that follows in this thread on every path, (P), (5)
+    // or the one before an early reject, orders it before the next owner's
+    // store (4).
+    count.store(0, std::memory_order::relaxed);
+  } else {
+    if (c != 0) {
+      TGI_GTC_RELEASE_SHARED(id);
+    }
+    do {
+      if (c == 0) break;  // I1: a free or in-flight block is not ours to release
+      // (D) acq_rel: publish our accesses; the last holder acquires everyone's.
+    } while (!count.compare_exchange_weak(c, c - 1, std::memory_order::acq_rel, std::memory_order::relaxed));
+  }
+  return c;
 }
 
 // sbitmap_calculate_shift: 64 bits a word, fewer for small pools so that they
@@ -442,34 +489,20 @@ bool BlockPool::try_retain(std::span<const BlockId> blocks) noexcept {
   return true;
 }
 
-// This shape (one return, after both branches) keeps release()'s loop as
-// fast as it was with this code written inside it: with an early return for
-// the last reference, the inlined loop took 1.3x the time for a batch of 64
-// blocks on the development box.
-[[gnu::always_inline]] inline std::uint32_t BlockPool::drop_ref(BlockId id) noexcept {
-  std::atomic<std::uint32_t>& count = counts_[id];
-  // (D0) acquire pairs with the release half of the other holders' (D): a 1
-  // read here comes after every other reference was dropped, and their
-  // accesses to the block happen-before ours (then (P) or (5) passes them on).
-  std::uint32_t c = count.load(std::memory_order::acquire);
-  if (c == 1) {
-    TGI_GTC_RELEASE_LAST_REF(id);
-    // The last reference, and it is ours: no one else may retain (only a
-    // holder may), so no read-modify-write is needed (libstdc++'s
-    // shared_ptr release fast path, GCC 12). (D') relaxed: the park (P) or
-    // the bit clear (5) that follows in this thread, both releases, orders
-    // it before the next owner's store (4).
-    count.store(0, std::memory_order::relaxed);
-  } else {
-    if (c != 0) {
-      TGI_GTC_RELEASE_SHARED(id);
-    }
-    do {
-      if (c == 0) break;  // I1: a free or in-flight block is not ours to release
-      // (D) acq_rel: publish our accesses; the last holder acquires everyone's.
-    } while (!count.compare_exchange_weak(c, c - 1, std::memory_order::acq_rel, std::memory_order::relaxed));
+bool BlockPool::unpark(std::uint64_t cur, BlockId id, bool take_unit) noexcept {
+  const std::uint64_t parked = std::uint64_t{id} + 1;
+  while (parked_of(cur) == parked) {
+    // seq_cst (as (P')): under the contract a parked block's bit is set. Set
+    // now, the block was claimed and parked again since the bit was seen
+    // clear (by a legitimate owner): that park stays. (Left open: a claim, a
+    // park and a take and park again of the block between this load and the
+    // CAS, with free_ back at `cur`; it needs two more calls on this very
+    // block in that window.)
+    if ((words_[id >> shift_].bits.load() & bit_of(id)) != 0) return false;
+    // (U) seq_cst: see the design comment.
+    if (free_.value.compare_exchange_weak(cur, take_unit ? count_of(cur) - 1 : count_of(cur))) return true;
   }
-  return c;
+  return false;  // a try_allocate took it meanwhile: freed under its new owner (I5)
 }
 
 bool BlockPool::unpark_cleared(std::uint64_t seen, std::uint32_t word, std::uint64_t cleared, bool counted) noexcept {
@@ -478,14 +511,10 @@ bool BlockPool::unpark_cleared(std::uint64_t seen, std::uint32_t word, std::uint
   const auto id = static_cast<BlockId>(parked - 1);
   if ((id >> shift_) != word || (cleared & bit_of(id)) == 0) return false;
   // I5: a racing double release parked the block whose bit this call
-  // cleared. (U) moves its unit off the slot: the clear bit stands for it,
-  // once (this call's unit, already added when `counted`, goes).
-  std::uint64_t cur = seen;
-  while (parked_of(cur) == parked) {
-    const std::uint64_t next = counted ? count_of(cur) - 1 : count_of(cur);  // slot and tag cleared
-    if (free_.value.compare_exchange_weak(cur, next)) return true;  // (U) seq_cst
-  }
-  return false;  // a try_allocate took it meanwhile: freed under its new owner (I5)
+  // cleared (unless the bit is set again: see unpark()). (U) moves its unit
+  // off the slot: the clear bit stands for it, once (this call's unit,
+  // already added when `counted`, goes).
+  return unpark(seen, id, counted);
 }
 
 std::size_t BlockPool::reject(std::size_t n) noexcept {
@@ -496,7 +525,7 @@ std::size_t BlockPool::reject(std::size_t n) noexcept {
 
 std::size_t BlockPool::release_one(BlockId id) noexcept {
   if (id >= num_blocks_) return reject(1);
-  const std::uint32_t c = drop_ref(id);
+  const std::uint32_t c = drop_ref(counts_[id], id);
   if (c == 0) return reject(1);
   if (c != 1) return 0;  // others still hold it
   const std::uint64_t mine = std::uint64_t{id} + 1;
@@ -504,7 +533,13 @@ std::size_t BlockPool::release_one(BlockId id) noexcept {
   // Relaxed: a first guess for the CAS (P), which re-reads; a parked `id`
   // means a racing double release parked it already (I5).
   std::uint64_t cur = free_.value.load(std::memory_order::relaxed);
-  if (parked_of(cur) == mine) return reject(1);
+  if (parked_of(cur) == mine) {
+    // (D'') release: nothing else follows this thread's store 0 (D'); the
+    // next owner's (1) reads free_ after this read-modify-write, in its
+    // release sequence, so the store happens-before that owner's (4).
+    free_.value.fetch_or(0, std::memory_order::release);
+    return reject(1);
+  }
   const std::uint64_t parked = (count_of(cur) + 1) | mine << kParkedShift | my_tag() << kTagShift;
   // (P) seq_cst: its release half pairs with the next owner's (1); and with
   // (P') against (5) and the free_ read after it (I5).
@@ -515,15 +550,12 @@ std::size_t BlockPool::release_one(BlockId id) noexcept {
     // in its read of free_ after (5). (The store-buffering pattern: at least
     // one of the two sees the other.)
     if ((words_[w].bits.load() & bit_of(id)) != 0) return 1;
-    // The bit is clear: take the unit back off the slot (U), unless a
-    // try_allocate took the block, or the other release moved it, first.
-    cur = parked;
-    while (parked_of(cur) == mine) {
-      if (free_.value.compare_exchange_weak(cur, count_of(cur) - 1)) return reject(1);  // (U) seq_cst
-    }
-    return 1;
+    // The bit is clear: take the park's unit back off the slot (U), unless
+    // a try_allocate took the block, or the other release moved it, first.
+    return unpark(parked, id, true) ? reject(1) : 1;
   }
-  // A block is parked already: the bitmap, as release() does.
+  // A block is parked already (or the CAS (P) lost): the bitmap, as
+  // release() does.
   TGI_GTC_RELEASE_PENDING(id);
   // (5) seq_cst: its release half pairs with (3); and see (P').
   const std::uint64_t old = words_[w].bits.fetch_and(~bit_of(id));
@@ -532,7 +564,7 @@ std::size_t BlockPool::release_one(BlockId id) noexcept {
   // (6) seq_cst: its release half pairs with (1); it reads the slot (P').
   const std::uint64_t seen = free_.value.fetch_add(1);
   t_hint = w;  // reuse what we just freed: warm in this core's cache
-  if (unpark_cleared(seen, w, bit_of(id), true)) return reject(1);
+  if (unpark_cleared(seen + 1, w, bit_of(id), true)) return reject(1);
   return 1;
 }
 
@@ -590,7 +622,7 @@ std::size_t BlockPool::release(std::span<const BlockId> blocks) noexcept {
       ++invalid;
       continue;
     }
-    const std::uint32_t c = drop_ref(id);
+    const std::uint32_t c = drop_ref(counts_[id], id);
     if (c == 0) {
       ++invalid;
       continue;
@@ -611,7 +643,7 @@ std::size_t BlockPool::release(std::span<const BlockId> blocks) noexcept {
     // (6) seq_cst: its release half pairs with (1): the cleared bits (5) are
     // visible to whoever reserves them (I3); it reads the slot (P').
     const std::uint64_t seen = free_.value.fetch_add(freed);
-    if (unpark_cleared(seen, pending_word, cleared, true)) {
+    if (unpark_cleared(seen + freed, pending_word, cleared, true)) {
       --freed;
       ++invalid;
     }
@@ -629,7 +661,8 @@ std::uint32_t BlockPool::total_blocks() const noexcept { return num_blocks_; }
 
 std::uint32_t BlockPool::free_blocks() const noexcept {
   // Relaxed: a snapshot; try_allocate decides with its own CAS (1).
-  return static_cast<std::uint32_t>(count_of(free_.value.load(std::memory_order::relaxed)));
+  // At most N: under a misuse that I5 cannot see, the count may reach N + 1 (I3).
+  return static_cast<std::uint32_t>(std::min<std::uint64_t>(count_of(free_.value.load(std::memory_order::relaxed)), num_blocks_));
 }
 
 std::uint32_t BlockPool::ref_count(BlockId block) const noexcept {

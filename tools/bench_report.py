@@ -615,7 +615,7 @@ def engine_table(res: Results) -> str:
                      fmt_num(res.median("engine", name, "tput", 1, "allocs_per_step"), 3),
                      str(res.reps("engine", name, "tput", 1))])
     if not rows:
-        return "Not measured: the engine benchmarks build once include/tgi_gtc/scheduling/engine.hpp exists."
+        return "Not measured in this run (its --filter left the engine benchmarks out)."
     return ("256 running, 10,000 waiting; each step timed on its own; median and p99 over the steps of a "
             "repetition, then the median over repetitions; max over all.\n\n" +
             table(["benchmark", "median", "p99", "max", "allocs/step", "repetitions"], rows))

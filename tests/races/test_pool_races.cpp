@@ -244,6 +244,35 @@ TEST_CASE("a release of one block that clears its bit after a racing release par
   CHECK(f.pool.free_blocks() == 0);
 }
 
+TEST_CASE("a release that finds its block parked by the block's next owner leaves the park alone") {
+  // No misuse here. P is parked by this thread; B is freed through the
+  // bitmap. A release of A clears A's bit and stalls before it counts it
+  // (6); a two-block allocation takes P from the slot (one clear bit cannot
+  // back two) and claims A's bit; its owner releases A, which parks it. The
+  // stalled release then finds A parked, a block whose bit it cleared: but
+  // the bit is set again, so the park is the new owner's, and stays.
+  FullPool f(true);
+  REQUIRE(f.pool.release(std::vector<BlockId>{kB}) == 1);  // the slot is full: bitmap
+  REQUIRE(f.pool.free_blocks() == 2);
+  FlushedStall flushed;
+  ReleaseThread first(f.pool, {kA});
+  flushed.wait_held();
+  CHECK(flushed.held_at == 1);  // word 1
+  std::array<BlockId, 2> two{};
+  REQUIRE(f.pool.try_allocate(two));  // this thread's hint is word 1 (B's release)
+  CHECK(two[0] == kP);
+  CHECK(two[1] == kA);  // the lowest clear bit of word 1
+  CHECK(f.pool.release(std::vector<BlockId>{kA}) == 1);  // parks A; its bit is set
+  flushed.release();
+  CHECK(first.join() == 1);
+  CHECK(f.pool.invalid_releases() == 0);
+  CHECK(f.pool.free_blocks() == 2);  // A (parked) and B
+  CHECK(f.pool.ref_count(kA) == 0);
+  const std::vector<BlockId> again = f.take(2);
+  CHECK(((again[0] == kA && again[1] == kB) || (again[0] == kB && again[1] == kA)));
+  CHECK(f.pool.free_blocks() == 0);
+}
+
 TEST_CASE("when both racing releases see the conflict, one takes the parked block back and the other frees it") {
   FullPool f;
   LastRefStall stall;
@@ -324,7 +353,8 @@ struct SharedBlock {
   // The next owner, on this thread: waits (free_blocks() is a relaxed load,
   // so the wait orders nothing) until the block is free again,
   // takes it and writes its data. Through the pool only, the write comes
-  // after the first holder's: (D) or (D0), then (5)/(3) and (6)/(1).
+  // after the first holder's: (D) or (D0), then the park (P) that the
+  // reservation (1) reads (the pool's one block goes through the slot).
   void reuse() {
     spin_until([this] { return pool.free_blocks() == 1; }, "the block was not freed");
     std::array<BlockId, 1> id{};

@@ -112,7 +112,8 @@ class BlockPool {
   std::uint32_t total_blocks() const noexcept;
 
   /// Blocks a try_allocate could take now: never more than the blocks whose
-  /// bits are clear and the parked one, whatever the callers do. While callers keep the contract,
+  /// bits are clear and the parked one, whatever the callers do, nor than
+  /// total_blocks(). While callers keep the contract,
   /// exact when no call is in flight; it may lag the blocks whose count reads
   /// 0 by the blocks inside calls in flight (never the other way): those a
   /// release already dropped to 0, and those a try_allocate reserved before
@@ -132,13 +133,13 @@ class BlockPool {
   /// One reference more on `id` (a CAS from a count above zero and below
   /// UINT32_MAX); false, changing nothing, when retain() would reject it.
   bool retain_one(BlockId id) noexcept;
-  /// Drops one reference to `id` (in range); returns the count it read: 0
-  /// (rejected, nothing changed), 1 (it was the last: now 0) or more.
-  std::uint32_t drop_ref(BlockId id) noexcept;
   /// release() of one id: parks the block when the slot is empty (P).
   std::size_t release_one(BlockId id) noexcept;
+  /// While free_ (read as `cur`) has `id` parked and its bit clear, tries to
+  /// take it off the slot (U), with one unit when `take_unit`; true if done.
+  bool unpark(std::uint64_t cur, BlockId id, bool take_unit) noexcept;
   /// If the block parked in `seen` (a value of free_) has its bit in
-  /// `cleared` of `word`, moves its unit off the slot (U) and returns true.
+  /// `cleared` of `word`, unpark()s it.
   bool unpark_cleared(std::uint64_t seen, std::uint32_t word, std::uint64_t cleared, bool counted) noexcept;
   /// Counts `n` rejected ids; returns 0.
   std::size_t reject(std::size_t n) noexcept;
