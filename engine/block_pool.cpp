@@ -80,8 +80,10 @@
 //       change of a bit; a park (P) adds a unit with the slot's block, and a
 //       reservation (1) that takes the slot takes that unit with it; an
 //       un-park (U) moves a unit off the slot only onto a bit that its
-//       caller cleared (5) and has not counted, or takes back the unit of the
-//       park it undoes; an allocation subtracts k (1) before it claims its
+//       caller cleared (5) and has not counted, or takes one unit back when
+//       that bit is counted already; if its block turns out to be set (a
+//       legitimate park, see I5), unpark() clears the bit (5) and adds the
+//       unit back (6), if it took one; an allocation subtracts k (1) before it claims its
 //       bits (clear -> set), k - 1 of them when it took the slot.
 //       So a reservation is always backed by the parked block it took and by
 //       clear bits: the claim loop terminates with exactly k and never rolls
@@ -121,10 +123,12 @@
 //         claimed and parked again by a legitimate owner since (a release
 //         that is no misuse can meet that too: its bit clear (5), then a
 //         claim (3) and a park of the block before its read of free_), and
-//         that park stays. Left open: the claim, a take and a park again
-//         between that load and the CAS, with free_ back at the value the
-//         CAS expects; it needs two more calls on the same block in a window
-//         of a few instructions (or a preemption there).
+//         that park stays. The CAS compares values only, so the block may be
+//         taken, freed, claimed and parked again between that load and the
+//         CAS, with free_ back at the value the CAS expects; so after a
+//         successful CAS (U) it loads the bit once more, and if it is set,
+//         gives the block back through the bitmap (off the slot and with its
+//         bit set, nobody else can reach it) and its own release stands.
 //       That holds while no try_allocate takes the block between the two; if
 //       one does, the late release clears the new owner's bit (and its count,
 //       if its store comes after the new owner's), or parks the block while
@@ -167,8 +171,9 @@
 //   (D') count store 0, relaxed: (P), (5) or (D''), a release after it in
 //       this thread, orders it before the next owner's store (4), which
 //       follows (1) or (3).
-//   (D'') fetch_or(0) on free_, release, only before a release of one block
-//       rejects it because the slot holds it: pairs with the next owner's (1),
+//   (D'') fetch_or(0) on free_, release, in a release of one block whose load
+//       found the slot holding it: it decides (if the slot still holds the
+//       block, the release is rejected) and pairs with the next owner's (1),
 //       which reads free_ after it (its release sequence), so the store (D')
 //       happens-before that owner's (4).
 //   (P) park CAS on free_, seq_cst: its release half pairs with (1). seq_cst
@@ -223,8 +228,11 @@ static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
 // (c) with the block id, when it read a count above 1, before its CAS (D); (d)
 // with the word it cleared last, after its last bit clear (5), before it adds
 // the freed blocks to free_ (6); (e) with the block id, when a release of one
-// block has parked it (P), before it checks its bit (P'). A test stalls a
-// release at (a), (b), (d) and (e) to force the double-release races of I5.
+// block has parked it (P), before it checks its bit (P'); (f) with the word,
+// after (6), before it checks the slot; (g) with the block id, in unpark(),
+// between its load of the bit and its CAS (U). A test stalls a release at
+// (a), (b), (d), (e), (f) and (g) to force the double-release races of I5
+// and the legitimate re-parks that unpark() must leave alone.
 // Two ordering tests stall one at (c), to make another holder's release land
 // between the load (D0) and the CAS (D), so that (D) takes the count to 0; and
 // at (d), so that the next owner claims the block before free_ counts it,
@@ -234,6 +242,8 @@ void (*g_release_pending_hook)(std::uint64_t id) = nullptr;
 void (*g_release_shared_hook)(std::uint64_t id) = nullptr;
 void (*g_release_flushed_hook)(std::uint64_t word) = nullptr;
 void (*g_release_parked_hook)(std::uint64_t id) = nullptr;
+void (*g_release_counted_hook)(std::uint64_t word) = nullptr;
+void (*g_release_unpark_hook)(std::uint64_t id) = nullptr;
 // Each reads its pointer once: a test may clear it while another thread passes it.
 #define TGI_GTC_RELEASE_LAST_REF(id) \
   if (auto* hook_ = detail::g_release_last_ref_hook) hook_(id)
@@ -245,12 +255,18 @@ void (*g_release_parked_hook)(std::uint64_t id) = nullptr;
   if (auto* hook_ = detail::g_release_flushed_hook) hook_(word)
 #define TGI_GTC_RELEASE_PARKED(id) \
   if (auto* hook_ = detail::g_release_parked_hook) hook_(id)
+#define TGI_GTC_RELEASE_COUNTED(word) \
+  if (auto* hook_ = detail::g_release_counted_hook) hook_(word)
+#define TGI_GTC_RELEASE_UNPARK(id) \
+  if (auto* hook_ = detail::g_release_unpark_hook) hook_(id)
 #else
 #define TGI_GTC_RELEASE_LAST_REF(id)
 #define TGI_GTC_RELEASE_PENDING(id)
 #define TGI_GTC_RELEASE_SHARED(id)
 #define TGI_GTC_RELEASE_FLUSHED(word)
 #define TGI_GTC_RELEASE_PARKED(id)
+#define TGI_GTC_RELEASE_COUNTED(word)
+#define TGI_GTC_RELEASE_UNPARK(id)
 #endif
 }  // namespace detail
 
@@ -491,16 +507,30 @@ bool BlockPool::try_retain(std::span<const BlockId> blocks) noexcept {
 
 bool BlockPool::unpark(std::uint64_t cur, BlockId id, bool take_unit) noexcept {
   const std::uint64_t parked = std::uint64_t{id} + 1;
+  std::atomic<std::uint64_t>& word = words_[id >> shift_].bits;
+  const std::uint64_t bit = bit_of(id);
   while (parked_of(cur) == parked) {
     // seq_cst (as (P')): under the contract a parked block's bit is set. Set
     // now, the block was claimed and parked again since the bit was seen
-    // clear (by a legitimate owner): that park stays. (Left open: a claim, a
-    // park and a take and park again of the block between this load and the
-    // CAS, with free_ back at `cur`; it needs two more calls on this very
-    // block in that window.)
-    if ((words_[id >> shift_].bits.load() & bit_of(id)) != 0) return false;
+    // clear (by a legitimate owner): that park stays.
+    if ((word.load() & bit) != 0) return false;
+    TGI_GTC_RELEASE_UNPARK(id);
     // (U) seq_cst: see the design comment.
-    if (free_.value.compare_exchange_weak(cur, take_unit ? count_of(cur) - 1 : count_of(cur))) return true;
+    if (free_.value.compare_exchange_weak(cur, take_unit ? count_of(cur) - 1 : count_of(cur))) {
+      // seq_cst, as above. The CAS compares values only: between the load
+      // and the CAS, the block may have been taken, freed through the
+      // bitmap, claimed and parked again (a legitimate owner's park), with
+      // free_ back at `cur`. Then its bit is set now, and, off the slot,
+      // nobody can reach the block: give it back through the bitmap (5),
+      // with a unit for it if the CAS took one (6); this call's release
+      // stands (false). (If a release cleared the bit meanwhile, a misuse,
+      // that release counts it: without a unit from the CAS, this call's
+      // own clear must not be counted as well (true).)
+      if ((word.load() & bit) == 0) return true;
+      if ((word.fetch_and(~bit) & bit) == 0) return !take_unit;  // (5) seq_cst
+      if (take_unit) free_.value.fetch_add(1);                    // (6) seq_cst
+      return false;
+    }
   }
   return false;  // a try_allocate took it meanwhile: freed under its new owner (I5)
 }
@@ -534,11 +564,14 @@ std::size_t BlockPool::release_one(BlockId id) noexcept {
   // means a racing double release parked it already (I5).
   std::uint64_t cur = free_.value.load(std::memory_order::relaxed);
   if (parked_of(cur) == mine) {
-    // (D'') release: nothing else follows this thread's store 0 (D'); the
-    // next owner's (1) reads free_ after this read-modify-write, in its
-    // release sequence, so the store happens-before that owner's (4).
-    free_.value.fetch_or(0, std::memory_order::release);
-    return reject(1);
+    // (D'') release: it decides, as the load does not. If the block is still
+    // parked, this release is rejected, and the next owner's (1), which
+    // reads free_ after this read-modify-write (its release sequence), sees
+    // this thread's store 0 (D') happen before its own store (4). If a
+    // try_allocate took it since the load, go on as if it had not been
+    // parked (I5: freed under its new owner).
+    cur = free_.value.fetch_or(0, std::memory_order::release);
+    if (parked_of(cur) == mine) return reject(1);
   }
   const std::uint64_t parked = (count_of(cur) + 1) | mine << kParkedShift | my_tag() << kTagShift;
   // (P) seq_cst: its release half pairs with the next owner's (1); and with
@@ -563,6 +596,7 @@ std::size_t BlockPool::release_one(BlockId id) noexcept {
   TGI_GTC_RELEASE_FLUSHED(w);
   // (6) seq_cst: its release half pairs with (1); it reads the slot (P').
   const std::uint64_t seen = free_.value.fetch_add(1);
+  TGI_GTC_RELEASE_COUNTED(w);
   t_hint = w;  // reuse what we just freed: warm in this core's cache
   if (unpark_cleared(seen + 1, w, bit_of(id), true)) return reject(1);
   return 1;
@@ -643,6 +677,7 @@ std::size_t BlockPool::release(std::span<const BlockId> blocks) noexcept {
     // (6) seq_cst: its release half pairs with (1): the cleared bits (5) are
     // visible to whoever reserves them (I3); it reads the slot (P').
     const std::uint64_t seen = free_.value.fetch_add(freed);
+    TGI_GTC_RELEASE_COUNTED(pending_word);
     if (unpark_cleared(seen + freed, pending_word, cleared, true)) {
       --freed;
       ++invalid;

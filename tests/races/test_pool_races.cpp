@@ -44,6 +44,8 @@ extern void (*g_release_pending_hook)(std::uint64_t id);
 extern void (*g_release_shared_hook)(std::uint64_t id);
 extern void (*g_release_flushed_hook)(std::uint64_t word);
 extern void (*g_release_parked_hook)(std::uint64_t id);
+extern void (*g_release_counted_hook)(std::uint64_t word);
+extern void (*g_release_unpark_hook)(std::uint64_t id);
 }  // namespace tgi_gtc::scheduling::detail
 
 using namespace tgi_gtc::scheduling;
@@ -70,6 +72,16 @@ struct FlushedStall : StallAt<2> {
 // checks the block's bit (P') (held_at: the block).
 struct ParkedStall : StallAt<3> {
   ParkedStall() : StallAt<3>(detail::g_release_parked_hook) {}
+};
+// Stalls the first release() that has counted its bitmap frees (6), before
+// it checks the slot (held_at: the word).
+struct CountedStall : StallAt<4> {
+  CountedStall() : StallAt<4>(detail::g_release_counted_hook) {}
+};
+// Stalls the first un-park between its load of the bit and its CAS (U)
+// (held_at: the block).
+struct UnparkStall : StallAt<5> {
+  UnparkStall() : StallAt<5>(detail::g_release_unpark_hook) {}
 };
 
 // A release() of `ids` on a thread of its own; join() returns its result.
@@ -267,6 +279,51 @@ TEST_CASE("a release that finds its block parked by the block's next owner leave
   CHECK(first.join() == 1);
   CHECK(f.pool.invalid_releases() == 0);
   CHECK(f.pool.free_blocks() == 2);  // A (parked) and B
+  CHECK(f.pool.ref_count(kA) == 0);
+  const std::vector<BlockId> again = f.take(2);
+  CHECK(((again[0] == kA && again[1] == kB) || (again[0] == kB && again[1] == kA)));
+  CHECK(f.pool.free_blocks() == 0);
+}
+
+TEST_CASE("an un-park whose CAS meets the same value after a legitimate re-park gives the block back") {
+  // No misuse. A release of A clears A's bit, finds A parked by its next
+  // owner when it counts it (6), and stalls; the owner takes A and frees it
+  // through the bitmap, so the release's first load finds A's bit clear and
+  // it stalls again before its CAS (U); meanwhile the owner claims A and
+  // parks it again, and free_ is back at the value that CAS expects. The CAS
+  // succeeds; the bit, loaded again, is set: the release gives A back
+  // through the bitmap and its own free stands.
+  FullPool f(true);                                        // P parked by this thread
+  REQUIRE(f.pool.release(std::vector<BlockId>{kB}) == 1);  // the slot is full: bitmap; hint word 1
+  FlushedStall flushed;
+  ReleaseThread late(f.pool, {kA});
+  flushed.wait_held();  // A's bit clear, not yet counted
+  std::array<BlockId, 2> two{};
+  REQUIRE(f.pool.try_allocate(two));  // P from the slot, and A, the lowest clear bit of word 1
+  CHECK(two[0] == kP);
+  CHECK(two[1] == kA);
+  REQUIRE(f.pool.release(std::vector<BlockId>{kA}) == 1);  // parks A
+  CountedStall counted;
+  flushed.release();
+  counted.wait_held();  // its (6) read A parked
+  CHECK(f.pool.free_blocks() == 2);
+  BlockId a = 0;
+  REQUIRE(f.pool.try_allocate(std::span<BlockId>(&a, 1)));  // this thread's parked block
+  CHECK(a == kA);
+  // A batch (A and an out-of-range id): A through the bitmap.
+  CHECK(f.pool.release(std::vector<BlockId>{kA, 99}) == 1);
+  CHECK(f.pool.invalid_releases() == 1);
+  UnparkStall unpark;
+  counted.release();
+  unpark.wait_held();  // its first load found A's bit clear
+  CHECK(unpark.held_at == kA);
+  REQUIRE(f.pool.try_allocate(std::span<BlockId>(&a, 1)));  // the lowest clear bit of word 1
+  CHECK(a == kA);
+  CHECK(f.pool.release(std::vector<BlockId>{kA}) == 1);  // parks A: free_ as before
+  unpark.release();
+  CHECK(late.join() == 1);
+  CHECK(f.pool.invalid_releases() == 1);
+  CHECK(f.pool.free_blocks() == 2);  // A and B, both through the bitmap
   CHECK(f.pool.ref_count(kA) == 0);
   const std::vector<BlockId> again = f.take(2);
   CHECK(((again[0] == kA && again[1] == kB) || (again[0] == kB && again[1] == kA)));

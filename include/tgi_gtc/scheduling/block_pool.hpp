@@ -64,7 +64,11 @@ class BlockPool {
   /// block is claimed, so no partial grab ever exists. An empty span: true.
   /// A one-block request gets the block that this thread's last one-block
   /// release() parked, if it is still parked (two atomic read-modify-writes
-  /// for the pair, instead of four). Concurrent with anything.
+  /// for the pair, instead of four); a parked block of another thread only
+  /// when no other block is free, or when the two threads share a tag (63
+  /// tags, given out in turn to the threads of the process). A larger
+  /// request takes the parked block when the other free blocks are too few.
+  /// Concurrent with anything.
   [[nodiscard]] bool try_allocate(std::span<BlockId> out) noexcept;
 
   /// Adds one reference to each block (a shared prefix, a fork). The caller
