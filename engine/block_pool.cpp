@@ -245,28 +245,10 @@ void (*g_release_parked_hook)(std::uint64_t id) = nullptr;
 void (*g_release_counted_hook)(std::uint64_t word) = nullptr;
 void (*g_release_unpark_hook)(std::uint64_t id) = nullptr;
 // Each reads its pointer once: a test may clear it while another thread passes it.
-#define TGI_GTC_RELEASE_LAST_REF(id) \
-  if (auto* hook_ = detail::g_release_last_ref_hook) hook_(id)
-#define TGI_GTC_RELEASE_PENDING(id) \
-  if (auto* hook_ = detail::g_release_pending_hook) hook_(id)
-#define TGI_GTC_RELEASE_SHARED(id) \
-  if (auto* hook_ = detail::g_release_shared_hook) hook_(id)
-#define TGI_GTC_RELEASE_FLUSHED(word) \
-  if (auto* hook_ = detail::g_release_flushed_hook) hook_(word)
-#define TGI_GTC_RELEASE_PARKED(id) \
-  if (auto* hook_ = detail::g_release_parked_hook) hook_(id)
-#define TGI_GTC_RELEASE_COUNTED(word) \
-  if (auto* hook_ = detail::g_release_counted_hook) hook_(word)
-#define TGI_GTC_RELEASE_UNPARK(id) \
-  if (auto* hook_ = detail::g_release_unpark_hook) hook_(id)
+#define TGI_GTC_RELEASE_HOOK(name, arg) \
+  if (auto* hook_ = detail::g_release_##name##_hook) hook_(arg)
 #else
-#define TGI_GTC_RELEASE_LAST_REF(id)
-#define TGI_GTC_RELEASE_PENDING(id)
-#define TGI_GTC_RELEASE_SHARED(id)
-#define TGI_GTC_RELEASE_FLUSHED(word)
-#define TGI_GTC_RELEASE_PARKED(id)
-#define TGI_GTC_RELEASE_COUNTED(word)
-#define TGI_GTC_RELEASE_UNPARK(id)
+#define TGI_GTC_RELEASE_HOOK(name, arg)
 #endif
 }  // namespace detail
 
@@ -326,7 +308,7 @@ std::uint64_t my_tag() noexcept {
   // accesses to the block happen-before ours (then (P) or (5) passes them on).
   std::uint32_t c = count.load(std::memory_order::acquire);
   if (c == 1) {
-    TGI_GTC_RELEASE_LAST_REF(id);
+    TGI_GTC_RELEASE_HOOK(last_ref, id);
     // The last reference, and it is ours: no one else may retain (only a
     // holder may), so no read-modify-write is needed (libstdc++'s
     // shared_ptr release fast path, GCC 12). (D') relaxed: a release
@@ -336,7 +318,7 @@ std::uint64_t my_tag() noexcept {
     count.store(0, std::memory_order::relaxed);
   } else {
     if (c != 0) {
-      TGI_GTC_RELEASE_SHARED(id);
+      TGI_GTC_RELEASE_HOOK(shared, id);
     }
     do {
       if (c == 0) break;  // I1: a free or in-flight block is not ours to release
@@ -514,7 +496,7 @@ bool BlockPool::unpark(std::uint64_t cur, BlockId id, bool take_unit) noexcept {
     // now, the block was claimed and parked again since the bit was seen
     // clear (by a legitimate owner): that park stays.
     if ((word.load() & bit) != 0) return false;
-    TGI_GTC_RELEASE_UNPARK(id);
+    TGI_GTC_RELEASE_HOOK(unpark, id);
     // (U) seq_cst: see the design comment.
     if (free_.value.compare_exchange_weak(cur, take_unit ? count_of(cur) - 1 : count_of(cur))) {
       // seq_cst, as above. The CAS compares values only: between the load
@@ -577,7 +559,7 @@ std::size_t BlockPool::release_one(BlockId id) noexcept {
   // (P) seq_cst: its release half pairs with the next owner's (1); and with
   // (P') against (5) and the free_ read after it (I5).
   if (parked_of(cur) == 0 && free_.value.compare_exchange_strong(cur, parked)) {
-    TGI_GTC_RELEASE_PARKED(id);
+    TGI_GTC_RELEASE_HOOK(parked, id);
     // (P') seq_cst: a racing double release that cleared the bit (5) before
     // this load is seen here; one that clears it later sees the parked block
     // in its read of free_ after (5). (The store-buffering pattern: at least
@@ -589,14 +571,14 @@ std::size_t BlockPool::release_one(BlockId id) noexcept {
   }
   // A block is parked already (or the CAS (P) lost): the bitmap, as
   // release() does.
-  TGI_GTC_RELEASE_PENDING(id);
+  TGI_GTC_RELEASE_HOOK(pending, id);
   // (5) seq_cst: its release half pairs with (3); and see (P').
   const std::uint64_t old = words_[w].bits.fetch_and(~bit_of(id));
   if ((old & bit_of(id)) == 0) return reject(1);  // I5: a racing double release cleared it
-  TGI_GTC_RELEASE_FLUSHED(w);
+  TGI_GTC_RELEASE_HOOK(flushed, w);
   // (6) seq_cst: its release half pairs with (1); it reads the slot (P').
   const std::uint64_t seen = free_.value.fetch_add(1);
-  TGI_GTC_RELEASE_COUNTED(w);
+  TGI_GTC_RELEASE_HOOK(counted, w);
   t_hint = w;  // reuse what we just freed: warm in this core's cache
   if (unpark_cleared(seen + 1, w, bit_of(id), true)) return reject(1);
   return 1;
@@ -669,15 +651,15 @@ std::size_t BlockPool::release(std::span<const BlockId> blocks) noexcept {
     }
     pending_mask |= bit;
     ++freed;
-    TGI_GTC_RELEASE_PENDING(id);
+    TGI_GTC_RELEASE_HOOK(pending, id);
   }
   flush();
   if (freed != 0) {
-    TGI_GTC_RELEASE_FLUSHED(pending_word);
+    TGI_GTC_RELEASE_HOOK(flushed, pending_word);
     // (6) seq_cst: its release half pairs with (1): the cleared bits (5) are
     // visible to whoever reserves them (I3); it reads the slot (P').
     const std::uint64_t seen = free_.value.fetch_add(freed);
-    TGI_GTC_RELEASE_COUNTED(pending_word);
+    TGI_GTC_RELEASE_HOOK(counted, pending_word);
     if (unpark_cleared(seen + freed, pending_word, cleared, true)) {
       --freed;
       ++invalid;
